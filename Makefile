@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine with Python 3.11:
+#   make demo   - the bank-transfer demo on SQLite and the embedded SQL transport
+#   make test   - install and start PostgreSQL and MariaDB, then the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo demo-postgres demo-mariadb test lint services services-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PYTHONPATH=examples $(PY) -m bank_transfer.demo
+
+# The same demo with both banks on the test servers started by scripts/services.
+demo-postgres: $(STAMP) services
+	eval "$$(scripts/services env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
+	  --bank1-db "$${OUTBOX_TEST_POSTGRES_URL%/*}/bank1" --bank2-db "$${OUTBOX_TEST_POSTGRES_URL%/*}/bank2"
+
+demo-mariadb: $(STAMP) services
+	eval "$$(scripts/services env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
+	  --bank1-db "$${OUTBOX_TEST_MARIADB_URL%/*}/bank1" --bank2-db "$${OUTBOX_TEST_MARIADB_URL%/*}/bank2"
+
+services:
+	scripts/services up
+
+services-down:
+	scripts/services down
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests examples migrations
+	$(VENV)/bin/mypy
+
+test: $(STAMP) services lint
+	eval "$$(scripts/services env)"; $(PY) -m pytest
+
+clean:
+	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,62 @@
+"""outbox: a database change and its message commit together, and the receiving
+service applies every message exactly once.
+
+Start with :class:`Outbox` and :func:`transactional_message` on the producing
+side, :class:`Relay` to publish, and :class:`IdempotentConsumer` on the
+receiving side. :mod:`outbox.testing` has an in-memory broker for unit tests.
+"""
+
+from .app import DeliveryAdapter, LocalOutbox, Outbox, transactional_message
+from .codec import JsonCodec
+from .consumer import ConsumerConfig, ConsumerStats, IdempotentConsumer, ReceivedMessage, Reject
+from .db import create_engine
+from .errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    DecodeError,
+    MessageError,
+    OutboxError,
+    PublishError,
+    TransactionOutcomeUnknown,
+    TransactionRolledBack,
+)
+from .message import Message, TransactionState
+from .relay import BatchResult, Relay, RelayConfig
+from .schema import metadata
+from .sql_transport import SqlTransport
+from .transaction import LocalWork, SqlAlchemyTransactionListener
+from .transport import Delivery
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchResult",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "ConsumerConfig",
+    "ConsumerStats",
+    "DecodeError",
+    "Delivery",
+    "DeliveryAdapter",
+    "IdempotentConsumer",
+    "JsonCodec",
+    "LocalOutbox",
+    "LocalWork",
+    "Message",
+    "MessageError",
+    "Outbox",
+    "OutboxError",
+    "PublishError",
+    "ReceivedMessage",
+    "Reject",
+    "Relay",
+    "RelayConfig",
+    "SqlAlchemyTransactionListener",
+    "SqlTransport",
+    "TransactionOutcomeUnknown",
+    "TransactionRolledBack",
+    "TransactionState",
+    "create_engine",
+    "metadata",
+    "transactional_message",
+]

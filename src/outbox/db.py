@@ -1,0 +1,113 @@
+"""Database helpers shared by every SQL part: engines, dialect differences, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Insert, Table, event, make_url
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from .errors import ConfigurationError
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+
+_DRIVER_HINTS = {
+    "postgresql": 'pip install "outbox[postgres]" (psycopg)',
+    "mysql": 'pip install "outbox[mysql]" (PyMySQL)',
+    "mariadb": 'pip install "outbox[mysql]" (PyMySQL)',
+}
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL as text with any password hidden, for logs and error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """An engine set up the way outbox expects; any SQLAlchemy engine also works.
+
+    For SQLite it turns on WAL and a busy timeout so that several processes (a
+    service and its relay) can share one file.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(
+            f"not a database URL: {safe_url(url)!r}; expected e.g. sqlite:///bank1.db or "
+            "postgresql+psycopg://user:password@127.0.0.1:5432/bank1"
+        ) from None  # the parser's message may quote the password
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_SECONDS)
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+    try:
+        engine = sa_create_engine(parsed, **kwargs)
+    except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
+        hint = _DRIVER_HINTS.get(backend, "install the SQLAlchemy driver for it")
+        raise ConfigurationError(
+            f"no driver for {safe_url(parsed)}: {exc}; {hint}"
+        ) from None
+    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def dialect_name(bind: Connection | Engine) -> str:
+    name = bind.dialect.name
+    return "mysql" if name == "mariadb" else name
+
+
+def supports_skip_locked(bind: Connection | Engine) -> bool:
+    """PostgreSQL, and MySQL 8 / MariaDB 10.6 and later, can skip rows others lock."""
+    name = dialect_name(bind)
+    if name == "postgresql":
+        return True
+    if name == "mysql":
+        version = bind.dialect.server_version_info or ()
+        if getattr(bind.dialect, "is_mariadb", False):
+            return tuple(version[:2]) >= (10, 6)
+        return tuple(version[:1]) >= (8,)
+    return False
+
+
+def insert_ignore(bind: Connection | Engine, table: Table) -> Insert:
+    """An INSERT that silently skips a row whose primary key already exists."""
+    name = dialect_name(bind)
+    if name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    if name == "mysql":
+        return mysql.insert(table).prefix_with("IGNORE")
+    raise ConfigurationError(
+        f"database {bind.dialect.name!r} is not supported; use SQLite, PostgreSQL or MySQL/MariaDB"
+    )
+
+
+def lock_for_writing(conn: Connection, table: Table) -> None:
+    """On SQLite, take the database's write lock now rather than at the first write.
+
+    SQLite has one writer and no row locks: a claim that read first and wrote later
+    could hand the same rows to two relays. A no-op UPDATE as the first statement
+    makes the whole claim one serialized write transaction. Other databases lock
+    rows with SELECT ... FOR UPDATE instead, so this does nothing there.
+    """
+    if dialect_name(conn) == "sqlite":
+        first_col = next(iter(table.primary_key.columns))
+        conn.execute(table.update().where(first_col.is_(None)).values({first_col.name: first_col}))

@@ -1,0 +1,46 @@
+"""Every exception the framework raises, under one root: :class:`OutboxError`.
+
+Driver and broker-client errors are wrapped where they cross an adapter boundary,
+with a message that says what to do; the original stays available as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """Root of all errors raised by outbox."""
+
+
+class ConfigurationError(OutboxError):
+    """The framework was set up wrongly (bad URL, missing table, bad option)."""
+
+
+class MessageError(OutboxError):
+    """A message could not be built from the call's arguments."""
+
+
+class DecodeError(OutboxError):
+    """A received payload is not a valid message; it is dead-lettered with this reason."""
+
+
+class PublishError(OutboxError):
+    """A transport refused or failed to publish a message."""
+
+
+class BrokerUnavailableError(PublishError):
+    """The broker could not be reached; the message may be retried later."""
+
+
+class TransactionRolledBack(OutboxError):
+    """The local transaction was rolled back, so no message was sent.
+
+    Raised by a decorated function when the listener answered ROLLBACK without an
+    exception of the user's own to re-raise.
+    """
+
+
+class TransactionOutcomeUnknown(OutboxError):
+    """The local transaction's outcome could not be settled at once.
+
+    The message is neither lost nor duplicated: the broker's check-back settles it.
+    """

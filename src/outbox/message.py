@@ -1,0 +1,86 @@
+"""The message envelope and the three outcomes of a local transaction."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import MessageError
+
+MAX_ID_LENGTH = 64
+MAX_TOPIC_LENGTH = 200
+MAX_KEY_LENGTH = 200
+MAX_TAG_LENGTH = 100
+
+
+class TransactionState(enum.Enum):
+    """The answer of a local transaction, as in RocketMQ's transaction listener."""
+
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    UNKNOWN = "unknown"
+
+
+def new_message_id() -> str:
+    """A fresh random message id (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+def _check_text(name: str, value: object, limit: int, *, required: bool) -> None:
+    if value is None:
+        if required:
+            raise MessageError(f"message {name} is required")
+        return
+    if not isinstance(value, str):
+        raise MessageError(f"message {name} must be a string, got {type(value).__name__}")
+    if required and not value:
+        raise MessageError(f"message {name} must not be empty")
+    if len(value) > limit:
+        raise MessageError(f"message {name} is {len(value)} characters; the limit is {limit}")
+    if "\x00" in value:
+        raise MessageError(f"message {name} must not contain NUL characters")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message: what is published, stored in the outbox and delivered.
+
+    ``id`` identifies the message everywhere (outbox row, transaction log, inbox); two
+    deliveries with the same id are the same message. ``key`` orders messages: the
+    relay publishes messages with the same key in commit order. ``payload`` is the
+    encoded body (see :class:`outbox.codec.JsonCodec`).
+    """
+
+    topic: str
+    payload: bytes
+    id: str = field(default_factory=new_message_id)
+    key: str | None = None
+    tag: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_text("id", self.id, MAX_ID_LENGTH, required=True)
+        _check_text("topic", self.topic, MAX_TOPIC_LENGTH, required=True)
+        _check_text("key", self.key, MAX_KEY_LENGTH, required=False)
+        _check_text("tag", self.tag, MAX_TAG_LENGTH, required=False)
+        if not isinstance(self.payload, bytes):
+            raise MessageError(
+                f"message payload must be bytes, got {type(self.payload).__name__}; "
+                "encode it with a codec first"
+            )
+        headers: Any = self.headers
+        if not isinstance(headers, Mapping):
+            raise MessageError("message headers must be a mapping of str to str")
+        for k, v in headers.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise MessageError(f"message header {k!r} must map a str to a str")
+        # Frozen means frozen: a caller's dict must not change the message later.
+        object.__setattr__(self, "headers", MappingProxyType(dict(headers)))
+
+    def log_fields(self) -> dict[str, Any]:
+        """The fields every log event about this message carries."""
+        return {"message_id": self.id, "topic": self.topic, "key": self.key}

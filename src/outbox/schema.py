@@ -1,0 +1,94 @@
+"""The three tables, defined once: outbox messages, transaction log, inbox.
+
+Use :data:`metadata` directly (``alembic upgrade head`` on the shipped chain
+creates exactly these tables), or pass it beside your own metadata to Alembic's
+``target_metadata`` so autogenerate sees them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.types import TypeEngine
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Sequence numbers: BIGINT everywhere but SQLite, whose autoincrement needs INTEGER.
+SEQ: TypeEngine[int] = BigInteger().with_variant(Integer(), "sqlite")
+# MySQL's plain BLOB stops at 64 KiB; payloads may be larger.
+PAYLOAD: TypeEngine[bytes] = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+# Naive UTC timestamps; MySQL needs fsp=6 or it truncates to whole seconds.
+TIMESTAMP: TypeEngine[dt.datetime] = DateTime(timezone=False).with_variant(
+    mysql.DATETIME(fsp=6), "mysql", "mariadb"
+)
+LONG_TEXT: TypeEngine[str] = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+#: Row states of :data:`outbox_messages`.
+PENDING, SENT, DEAD = "pending", "sent", "dead"
+
+outbox_messages = Table(
+    "outbox_messages",
+    metadata,
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False, unique=True),
+    Column("topic", String(200), nullable=False),
+    Column("key", String(200), nullable=True),
+    Column("tag", String(100), nullable=True),
+    Column("headers", LONG_TEXT, nullable=False),
+    Column("payload", PAYLOAD, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", TIMESTAMP, nullable=False),
+    Column("last_error", LONG_TEXT, nullable=True),
+    Column("created_at", TIMESTAMP, nullable=False),
+    Column("sent_at", TIMESTAMP, nullable=True),
+    Index(None, "status", "seq"),
+    Index(None, "key", "status", "seq"),
+)
+
+transaction_log = Table(
+    "outbox_transaction_log",
+    metadata,
+    Column("transaction_id", String(64), primary_key=True),
+    Column("message_id", String(64), nullable=False),
+    Column("topic", String(200), nullable=False),
+    Column("created_at", TIMESTAMP, nullable=False),
+    Index(None, "created_at"),
+)
+
+inbox = Table(
+    "outbox_inbox",
+    metadata,
+    Column("consumer_group", String(200), nullable=False),
+    Column("message_id", String(64), nullable=False),
+    Column("processed_at", TIMESTAMP, nullable=False),
+    PrimaryKeyConstraint("consumer_group", "message_id"),
+    Index(None, "processed_at"),
+)
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now, the form every timestamp column holds."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)

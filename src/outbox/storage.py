@@ -1,0 +1,224 @@
+"""SQL for the outbox table: write, claim in order, mark, park, replay, purge.
+
+Every function takes an open :class:`~sqlalchemy.Connection` (or a Session's
+connection) inside a transaction the caller owns; nothing here commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, bindparam, delete, func, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from .db import lock_for_writing, supports_skip_locked
+from .message import Message
+from .schema import DEAD, PENDING, SENT, inbox, outbox_messages, transaction_log, utcnow
+
+T = outbox_messages
+
+
+def message_row(message: Message, now: dt.datetime) -> dict[str, object]:
+    return {
+        "message_id": message.id,
+        "topic": message.topic,
+        "key": message.key,
+        "tag": message.tag,
+        "headers": json.dumps(dict(message.headers), ensure_ascii=False, sort_keys=True),
+        "payload": message.payload,
+        "status": PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
+
+
+def add_message(session: Session | Connection, message: Message) -> None:
+    """Insert ``message`` as a pending outbox row: the one extra statement of a write."""
+    session.execute(T.insert().values(message_row(message, utcnow())))
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    seq: int
+    attempts: int
+    message: Message
+
+
+def _to_message(row: object) -> Message:
+    r = row._mapping  # type: ignore[attr-defined]
+    return Message(
+        id=r["message_id"], topic=r["topic"], payload=bytes(r["payload"]), key=r["key"],
+        tag=r["tag"], headers=json.loads(r["headers"]),
+    )
+
+
+def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRow]:
+    """Lock up to ``batch_size`` due rows that may be published now, oldest first.
+
+    Rows another relay holds are skipped (``FOR UPDATE SKIP LOCKED``; on SQLite the
+    claim takes the single write lock). A row is held back while an earlier row
+    with the same key is still pending and not part of this claim, so messages
+    with one key leave in commit order even with several relays running.
+    """
+    lock_for_writing(conn, T)
+    query = (
+        select(T.c.seq, T.c.message_id, T.c.topic, T.c.key, T.c.tag, T.c.headers,
+               T.c.payload, T.c.attempts)
+        .where(T.c.status == PENDING, T.c.next_attempt_at <= now)
+        .order_by(T.c.seq)
+        .limit(batch_size)
+    )
+    if supports_skip_locked(conn):
+        query = query.with_for_update(skip_locked=True)
+    rows = conn.execute(query).all()
+    if not rows:
+        return []
+    keys = {r.key for r in rows if r.key is not None}
+    first_foreign: dict[str, int] = {}
+    if keys:
+        mine = {r.seq for r in rows}
+        earlier = conn.execute(
+            select(T.c.seq, T.c.key).where(
+                T.c.status == PENDING, T.c.key.in_(keys), T.c.seq < rows[-1].seq
+            )
+        ).all()
+        for seq, key in earlier:
+            if seq not in mine and seq < first_foreign.get(key, seq + 1):
+                first_foreign[key] = seq
+    return [
+        ClaimedRow(r.seq, r.attempts, _to_message(r))
+        for r in rows
+        if r.key is None or r.seq < first_foreign.get(r.key, r.seq + 1)
+    ]
+
+
+def mark_sent(conn: Connection, seqs: Sequence[int], now: dt.datetime, *, delete_sent: bool) -> None:
+    if not seqs:
+        return
+    if delete_sent:
+        conn.execute(delete(T).where(T.c.seq.in_(seqs)))
+    else:
+        conn.execute(
+            update(T).where(T.c.seq.in_(seqs)).values(status=SENT, sent_at=now, last_error=None)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    seq: int
+    attempts: int
+    next_attempt_at: dt.datetime
+    error: str
+    dead: bool
+
+
+def mark_failed(conn: Connection, failures: Sequence[Failure]) -> None:
+    """Record failed attempts in one executemany round trip."""
+    if not failures:
+        return
+    stmt = (
+        update(T)
+        .where(T.c.seq == bindparam("b_seq"))
+        .values(
+            attempts=bindparam("b_attempts"),
+            next_attempt_at=bindparam("b_next"),
+            last_error=bindparam("b_error"),
+            status=bindparam("b_status"),
+        )
+    )
+    conn.execute(
+        stmt,
+        [
+            {
+                "b_seq": f.seq, "b_attempts": f.attempts, "b_next": f.next_attempt_at,
+                "b_error": f.error, "b_status": DEAD if f.dead else PENDING,
+            }
+            for f in failures
+        ],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRow:
+    message_id: str
+    topic: str
+    key: str | None
+    attempts: int
+    last_error: str | None
+    created_at: dt.datetime
+
+
+def list_dead(conn: Connection, limit: int = 100) -> list[DeadRow]:
+    rows = conn.execute(
+        select(T.c.message_id, T.c.topic, T.c.key, T.c.attempts, T.c.last_error, T.c.created_at)
+        .where(T.c.status == DEAD)
+        .order_by(T.c.seq)
+        .limit(limit)
+    ).all()
+    return [DeadRow(*r) for r in rows]
+
+
+def replay_dead(conn: Connection, message_ids: Iterable[str] | None = None) -> int:
+    """Make dead rows pending again with fresh attempts; returns how many."""
+    stmt = update(T).where(T.c.status == DEAD)
+    if message_ids is not None:
+        ids = list(message_ids)
+        if not ids:
+            return 0
+        stmt = stmt.where(T.c.message_id.in_(ids))
+    result = conn.execute(stmt.values(status=PENDING, attempts=0, next_attempt_at=utcnow()))
+    return int(result.rowcount)
+
+
+def counts(conn: Connection) -> dict[str, int]:
+    """Rows per status, e.g. ``{"pending": 3, "sent": 10, "dead": 0}``."""
+    out = {PENDING: 0, SENT: 0, DEAD: 0}
+    for status, n in conn.execute(select(T.c.status, func.count()).group_by(T.c.status)):
+        out[status] = int(n)
+    return out
+
+
+def purge(conn: Connection, *, sent_before: dt.datetime, batch_size: int) -> int:
+    """Delete one bounded batch of rows that were sent before ``sent_before``."""
+    seqs = conn.scalars(
+        select(T.c.seq).where(T.c.status == SENT, T.c.sent_at < sent_before)
+        .order_by(T.c.seq).limit(batch_size)
+    ).all()
+    if seqs:
+        conn.execute(delete(T).where(T.c.seq.in_(seqs)))
+    return len(seqs)
+
+
+def purge_inbox(conn: Connection, *, processed_before: dt.datetime, batch_size: int) -> int:
+    """Delete one bounded batch of inbox rows older than ``processed_before``.
+
+    Only purge what the broker can no longer redeliver: a purged row no longer
+    de-duplicates a late duplicate.
+    """
+    pairs = conn.execute(
+        select(inbox.c.consumer_group, inbox.c.message_id)
+        .where(inbox.c.processed_at < processed_before)
+        .limit(batch_size)
+    ).all()
+    if pairs:
+        conn.execute(
+            delete(inbox).where(
+                tuple_(inbox.c.consumer_group, inbox.c.message_id).in_([tuple(p) for p in pairs])
+            )
+        )
+    return len(pairs)
+
+
+def purge_transaction_log(conn: Connection, *, created_before: dt.datetime, batch_size: int) -> int:
+    ids = conn.scalars(
+        select(transaction_log.c.transaction_id)
+        .where(transaction_log.c.created_at < created_before)
+        .limit(batch_size)
+    ).all()
+    if ids:
+        conn.execute(delete(transaction_log).where(transaction_log.c.transaction_id.in_(ids)))
+    return len(ids)

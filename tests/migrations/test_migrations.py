@@ -1,0 +1,124 @@
+"""The shipped Alembic chain: up and down on every database, and it builds exactly
+the tables that outbox.schema defines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, MetaData, inspect, make_url, text
+
+import outbox
+from outbox import migrations
+
+ROOT = Path(__file__).resolve().parents[2]
+OUTBOX_TABLES = {"outbox_messages", "outbox_transaction_log", "outbox_inbox"}
+SCRATCH_DB = "outbox_migrations_test"
+
+
+def _server_url(var: str) -> str:
+    url = os.environ.get(var)
+    if not url:
+        message = f"{var} is not set: start the servers with  scripts/services up"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+def _fresh_database(base_url: str) -> str:
+    """Recreate a scratch database on the server so each run starts from nothing."""
+    admin = outbox.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    quote = '"' if admin.dialect.name == "postgresql" else "`"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {quote}{SCRATCH_DB}{quote}"))
+            conn.execute(text(f"CREATE DATABASE {quote}{SCRATCH_DB}{quote}"))
+    finally:
+        admin.dispose()
+    return make_url(base_url).set(database=SCRATCH_DB).render_as_string(hide_password=False)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ]
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'migrations.db'}"
+    var = "OUTBOX_TEST_POSTGRES_URL" if request.param == "postgres" else "OUTBOX_TEST_MARIADB_URL"
+    return _fresh_database(_server_url(var))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = outbox.create_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+def _schema_diff(engine: Engine, target: MetaData | list[MetaData]) -> list[object]:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(ctx, target)
+    # The chain's own version table is not part of the models.
+    return [d for d in diff if not (d[0] == "remove_table" and d[1].name.endswith("alembic_version"))]
+
+
+def test_upgrade_builds_exactly_the_models(engine: Engine) -> None:
+    migrations.upgrade(engine)
+    assert migrations.current(engine) == "outbox_0001"
+    assert OUTBOX_TABLES <= set(inspect(engine).get_table_names())
+    assert _schema_diff(engine, outbox.metadata) == []
+
+
+def test_downgrade_removes_everything_and_upgrade_again(engine: Engine) -> None:
+    migrations.upgrade(engine)
+    migrations.downgrade(engine, "base")
+    assert migrations.current(engine) is None
+    assert not OUTBOX_TABLES & set(inspect(engine).get_table_names())
+    migrations.upgrade(engine)
+    assert OUTBOX_TABLES <= set(inspect(engine).get_table_names())
+
+
+def test_alembic_command_line_runs_the_chain(db_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for args in (["upgrade", "head"], ["current"], ["downgrade", "base"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"),
+             "-x", f"db={db_url}", *args],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "outbox:outbox@" not in done.stderr + done.stdout  # no password echoed
+    eng = outbox.create_engine(db_url)
+    try:
+        assert not OUTBOX_TABLES & set(inspect(eng).get_table_names())
+    finally:
+        eng.dispose()
+
+
+def test_user_autogenerate_sees_outbox_tables_in_sync(engine: Engine) -> None:
+    """A user's Alembic with target_metadata=[own, outbox.metadata] finds nothing to
+    add once the outbox chain ran, but does see the user's own missing table."""
+    from sqlalchemy import Column, Integer, Table
+
+    own = MetaData()
+    Table("user_things", own, Column("id", Integer, primary_key=True))
+    migrations.upgrade(engine)
+    diff = _schema_diff(engine, [own, outbox.metadata])
+    assert [(d[0], d[1].name) for d in diff] == [("add_table", "user_things")]
+
+
+def test_versions_location_is_shipped() -> None:
+    files = {p.name for p in migrations.versions_location().glob("*.py")}
+    assert "0001_outbox_tables.py" in files
