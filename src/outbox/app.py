@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .codec import JsonCodec
 from .errors import ConfigurationError, MessageError
 from .message import Message
+from .relay import Relay, RelayConfig
 from .schema import utcnow
 from .storage import add_message
 from .transaction import (
@@ -24,7 +25,6 @@ from .transaction import (
     LocalWork,
     SqlAlchemyTransactionListener,
 )
-from .relay import Relay, RelayConfig
 from .typing import Codec, Publisher
 
 log = structlog.get_logger("outbox")

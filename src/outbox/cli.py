@@ -17,6 +17,7 @@ from . import migrations, storage
 from .db import create_engine, safe_url
 from .errors import OutboxError
 from .relay import Relay, RelayConfig
+from .schema import utcnow
 from .sql_transport import SqlTransport
 
 
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def _purge(engine: Any, days: float, batch: int) -> str:
     if days < 0 or batch < 1:
         raise OutboxError("--older-than-days must be >= 0 and --batch-size >= 1")
-    cutoff = storage.utcnow() - dt.timedelta(days=days)
+    cutoff = utcnow() - dt.timedelta(days=days)
     totals = {"outbox": 0, "inbox": 0, "transaction_log": 0}
     for name, fn, kw in (
         ("outbox", storage.purge, "sent_before"),

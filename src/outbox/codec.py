@@ -66,7 +66,9 @@ class JsonCodec:
         try:
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DecodeError(f"payload is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
+            raise DecodeError(
+                f"payload is not valid UTF-8: {exc.reason} at byte {exc.start}"
+            ) from exc
         try:
             return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:

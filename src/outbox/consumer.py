@@ -25,7 +25,7 @@ log = structlog.get_logger("outbox.consumer")
 MAX_REASON_LENGTH = 2000
 
 
-class Reject(Exception):  # noqa: N818 - it reads as an instruction: raise Reject(reason)
+class Reject(Exception):
     """Raise from a handler for a message that can never succeed (unknown account,
     say): it is dead-lettered at once with this reason instead of retried."""
 

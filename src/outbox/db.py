@@ -37,7 +37,7 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except ArgumentError:
         raise ConfigurationError(
             f"not a database URL: {safe_url(url)!r}; expected e.g. sqlite:///bank1.db or "
             "postgresql+psycopg://user:password@127.0.0.1:5432/bank1"

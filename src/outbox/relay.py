@@ -143,7 +143,9 @@ class Relay:
                 sent.append(row.seq)
         return sent, failures
 
-    def _failure(self, row: storage.ClaimedRow, exc: BaseException, now: dt.datetime) -> storage.Failure:
+    def _failure(
+        self, row: storage.ClaimedRow, exc: BaseException, now: dt.datetime
+    ) -> storage.Failure:
         attempts = row.attempts + 1
         dead = attempts >= self.config.max_attempts
         delay = delay_for(self.config.backoff, attempts)

@@ -107,7 +107,9 @@ class SqlTransport:
     def publisher(self) -> SqlPublisher:
         return SqlPublisher(self)
 
-    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0) -> SqlSubscriber:
+    def subscriber(
+        self, topic: str, group: str, *, visibility_timeout: float = 30.0
+    ) -> SqlSubscriber:
         return SqlSubscriber(self, topic, group, visibility_timeout=visibility_timeout)
 
     def put_raw(

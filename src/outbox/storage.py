@@ -96,7 +96,9 @@ def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRo
     ]
 
 
-def mark_sent(conn: Connection, seqs: Sequence[int], now: dt.datetime, *, delete_sent: bool) -> None:
+def mark_sent(
+    conn: Connection, seqs: Sequence[int], now: dt.datetime, *, delete_sent: bool
+) -> None:
     if not seqs:
         return
     if delete_sent:
