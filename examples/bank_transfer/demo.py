@@ -1,0 +1,258 @@
+"""The demo: bank1, the relay and bank2 as processes, 12 transfers, an audit.
+
+Run ``PYTHONPATH=examples python -m bank_transfer.demo``. It resets the databases
+(SQLite files in a fresh run folder by default), sends transfers over HTTP,
+publishes one message a second time, waits until everything has settled, then
+reads both banks and prints one line saying whether money was conserved. The
+services' logs go to files in the run folder, not to this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from types import FrameType
+
+import httpx
+from sqlalchemy import Engine, make_url, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from outbox import Message, OutboxError, SqlTransport, create_engine
+from outbox.db import safe_url
+from outbox.schema import SENT, outbox_messages
+
+from .audit import Books, backlog, balances, find_problems, read_books
+from .children import Child, ServiceFailed, free_port, start, stop_all, wait_healthy
+from .setup import setup, setup_transport
+
+#: (transfer number, amount as sent, should it commit?). Account 1 starts with
+#: 10000.00; TX-0006 and TX-0011 ask for more than is left (TX-0011 by one cent).
+SCRIPT: list[tuple[str, str | int, bool]] = [
+    ("TX-0001", 1000, True), ("TX-0002", "250.50", True), ("TX-0003", "999.99", True),
+    ("TX-0004", "1200.00", True), ("TX-0005", "500.25", True), ("TX-0006", "8000.00", False),
+    ("TX-0007", "1500.00", True), ("TX-0008", "750.75", True), ("TX-0009", 300, True),
+    ("TX-0010", "2000.00", True), ("TX-0011", "1498.52", False), ("TX-0012", "1498.51", True),
+]
+REPEATED = "TX-0003"  # sent a second time, identically: answered 200, not debited again
+MARKER = ".bank-transfer-demo"
+
+
+@dataclass
+class Run:
+    """What the demo saw, filled in as it goes."""
+
+    attempted: int = 0
+    refused: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+    before: tuple[Decimal, Decimal] | None = None
+    settled: bool = False
+    books: Books | None = None
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def prepare_workdir(path: Path) -> Path:
+    """Empty the run folder, refusing one that the demo did not create."""
+    path = path.resolve()
+    if path.exists():
+        if any(path.iterdir()) and not (path / MARKER).exists():
+            raise SystemExit(f"refusing to wipe {path}: it is not empty and not a demo run folder")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text("run folder of python -m bank_transfer.demo; wiped each run\n")
+    return path
+
+
+def send_transfers(client: httpx.Client, run: Run) -> None:
+    say(f"sending {len(SCRIPT)} transfers from account 1 (bank1) to account 2 (bank2):")
+    for transfer_no, amount, should_commit in SCRIPT:
+        response = post(client, transfer_no, amount)
+        run.attempted += 1
+        expected = 201 if should_commit else 409
+        if response.status_code == 409:
+            run.refused.add(transfer_no)
+        if response.status_code != expected:
+            run.problems.append(f"{transfer_no}: expected HTTP {expected}, "
+                                f"got {response.status_code} {response.text}")
+    amount = next(a for no, a, _ in SCRIPT if no == REPEATED)
+    response = post(client, REPEATED, amount, note="(the same transfer again)")
+    if response.status_code != 200:
+        run.problems.append(f"repeated {REPEATED}: expected HTTP 200, got {response.status_code}")
+
+
+def post(
+    client: httpx.Client, transfer_no: str, amount: str | int, note: str = ""
+) -> httpx.Response:
+    response = client.post("/transfers", json={
+        "transfer_no": transfer_no, "amount": amount, "from_account": "1", "to_account": "2",
+    })
+    try:
+        body = response.json()
+        outcome = body.get("status") or body.get("error")
+    except (ValueError, AttributeError):
+        outcome = response.text[:200]
+    line = f"  {transfer_no}  {Decimal(amount):>9.2f}  -> {response.status_code} {outcome} {note}"
+    say(line.rstrip())
+    return response
+
+
+def publish_again(bank1: Engine, transport: SqlTransport, timeout: float = 30.0) -> str:
+    """Put the first message the relay sent onto the transport once more, same id."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with bank1.connect() as conn:
+            row = conn.execute(select(outbox_messages).where(outbox_messages.c.status == SENT)
+                               .order_by(outbox_messages.c.seq).limit(1)).first()
+        if row is not None:
+            break
+        if time.monotonic() >= deadline:
+            raise ServiceFailed(f"the relay sent nothing within {timeout:.0f} s; see relay.log")
+        time.sleep(0.05)
+    transport.publisher().publish(Message(
+        id=row.message_id, topic=row.topic, payload=bytes(row.payload), key=row.key,
+        tag=row.tag, headers=json.loads(row.headers),
+    ))
+    say(f"published message {row.message_id} onto the transport a second time (same id)")
+    return str(row.message_id)
+
+
+def wait_settled(bank1: Engine, transport: SqlTransport, children: list[Child],
+                 timeout: float) -> bool:
+    """Wait until bank1's outbox is drained and bank2 has settled every message."""
+    started = time.monotonic()
+    last_report = float("-inf")
+    while True:
+        for child in children:
+            child.check_running()
+        outbox_pending, unconsumed = backlog(bank1, transport)
+        elapsed = time.monotonic() - started
+        if outbox_pending == 0 and unconsumed == 0:
+            say(f"settled after {elapsed:.1f} s")
+            return True
+        if elapsed - last_report >= 1.0:
+            last_report = elapsed
+            say(f"  waiting: {outbox_pending} in bank1's outbox, "
+                f"{unconsumed} not yet consumed by bank2 ({elapsed:.0f} s)")
+        if elapsed >= timeout:
+            say(f"did not settle within {timeout:.0f} s")
+            return False
+        time.sleep(0.1)
+
+
+def print_balances(books: Books, before: tuple[Decimal, Decimal]) -> None:
+    rows = [("bank1", "1", "Zhang San", before[0], books.balance1),
+            ("bank2", "2", "Li Si", before[1], books.balance2),
+            ("total", "", "", sum(before, Decimal("0.00")), books.total)]
+    say(f"{'bank':<6} {'account':<8} {'holder':<10} {'before':>10} {'after':>10}")
+    for bank, account, holder, was, now in rows:
+        say(f"{bank:<6} {account:<8} {holder:<10} {was:>10.2f} {now:>10.2f}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bank_transfer.demo", description=__doc__)
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"),
+                        help="run folder, wiped at start (default: .demo)")
+    parser.add_argument("--bank1-db", help="bank1's database URL (default: run folder/bank1.db)")
+    parser.add_argument("--bank2-db", help="bank2's database URL (default: run folder/bank2.db)")
+    parser.add_argument("--transport-db", help="SQL transport URL (default: run folder/broker.db)")
+    parser.add_argument("--port", type=int, default=0, help="bank1's port (default: a free one)")
+    parser.add_argument("--settle-timeout", type=float, default=60.0, help="seconds (default 60)")
+    return parser.parse_args(argv)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes the same way out as Ctrl-C
+
+
+def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout: float,
+                 run: Run) -> None:
+    """Set up, start the services, drive the transfers, wait, and read the books.
+
+    The services are stopped on the way out whatever happens.
+    """
+    bank1, bank2 = create_engine(urls["bank1"]), create_engine(urls["bank2"])
+    transport = SqlTransport(create_engine(urls["transport"]))
+    children: list[Child] = []
+    try:
+        setup_transport(transport.engine, reset=True)
+        setup(bank1, "bank1", reset=True)
+        setup(bank2, "bank2", reset=True)
+        run.before = balances(bank1, bank2)
+        say(f"setup done: balance(1) = {run.before[0]}, balance(2) = {run.before[1]}")
+        children.append(start("bank1", ["--db", urls["bank1"], "--port", str(port)], workdir))
+        for name, db in (("relay", urls["bank1"]), ("bank2", urls["bank2"])):
+            children.append(start(name, ["--db", db, "--transport-db", urls["transport"]],
+                                  workdir))
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(children[0], f"{base}/health")
+        say(f"services started: bank1 on {base}, relay, bank2")
+        with httpx.Client(base_url=base, timeout=30.0) as client:
+            send_transfers(client, run)
+        publish_again(bank1, transport)
+        run.settled = wait_settled(bank1, transport, children, settle_timeout)
+        run.books = read_books(bank1, bank2, transport)
+        print_balances(run.books, run.before)
+    finally:
+        for line in stop_all(children):
+            say(line)
+        for engine in (bank1, bank2, transport.engine):
+            engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    workdir = prepare_workdir(args.workdir)
+    urls = {name: getattr(args, f"{name}_db") or f"sqlite:///{workdir / (name + '.db')}"
+            for name in ("bank1", "bank2")}
+    urls["transport"] = args.transport_db or f"sqlite:///{workdir / 'broker.db'}"
+    if make_url(urls["bank1"]) == make_url(urls["bank2"]):
+        raise SystemExit("bank1 and bank2 need databases of their own")
+    say(f"run folder: {workdir}")
+    for name, url in urls.items():
+        say(f"{name + ' database:':<20}{safe_url(url)}")
+    say(f"service logs:       {workdir}/bank1.log, relay.log, bank2.log")
+    signal.signal(signal.SIGTERM, _interrupt)
+    run = Run()
+    try:
+        run_services(urls, workdir, args.port or free_port(), args.settle_timeout, run)
+    except ServiceFailed as exc:
+        say(f"error: {exc}")
+        return 1
+    except (httpx.HTTPError, SQLAlchemyError, OutboxError) as exc:
+        # Only the first line: later ones may quote SQL parameters.
+        say(f"error: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    books, before = run.books, run.before
+    if books is None or before is None:  # run_services reads both or raises
+        return 1
+    # "conserved" is about the money and the credits; an unexpected HTTP answer
+    # still fails the run, through the exit code.
+    broken = find_problems(books, before, run.refused)
+    if not run.settled:
+        broken.insert(0, f"did not settle within {args.settle_timeout:.0f} s")
+    for problem in [*run.problems, *broken]:
+        say(f"problem: {problem}")
+    say(f"finished in {time.monotonic() - began:.1f} s")
+    say(f"{'SETTLED' if run.settled else 'NOT SETTLED'} transfers={run.attempted} "
+        f"committed={len(books.transfers)} rolled_back={len(run.refused)} "
+        f"credited={len(books.credits)} duplicates_ignored={books.duplicates_ignored} "
+        f"total_before={sum(before, Decimal('0.00')):.2f} total_after={books.total:.2f} "
+        f"conserved={'no' if broken else 'yes'}")
+    return 1 if broken or run.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

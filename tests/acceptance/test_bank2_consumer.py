@@ -1,0 +1,86 @@
+"""bank2's handler under the idempotent consumer: credit once, reject the impossible."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from bank_transfer import CONSUMER_GROUP, TOPIC
+from bank_transfer.bank2 import credit
+from bank_transfer.models import bank2_accounts, credits
+from bank_transfer.setup import setup, setup_transport
+from outbox import IdempotentConsumer, JsonCodec, Message, SqlTransport, create_engine
+
+
+@dataclass
+class Bank2:
+    engine: Engine
+    transport: SqlTransport
+    consumer: IdempotentConsumer
+
+    def send(self, transfer_no: str, body: dict[str, Any]) -> None:
+        self.transport.publisher().publish(
+            Message(topic=TOPIC, id=transfer_no, key="1", payload=JsonCodec().encode(body)))
+
+    def balance(self) -> str:
+        with self.engine.connect() as conn:
+            return str(conn.scalar(select(bank2_accounts.c.balance)))
+
+    def credited(self) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            return {r.transfer_no: str(r.amount) for r in conn.execute(select(credits))}
+
+
+@pytest.fixture
+def bank2(tmp_path: Path) -> Iterator[Bank2]:
+    engine = create_engine(f"sqlite:///{tmp_path / 'bank2.db'}")
+    setup(engine, "bank2")
+    transport = SqlTransport(create_engine(f"sqlite:///{tmp_path / 'broker.db'}"))
+    setup_transport(transport.engine)
+    consumer = IdempotentConsumer(
+        engine, transport.subscriber(TOPIC, CONSUMER_GROUP), CONSUMER_GROUP, credit)
+    yield Bank2(engine, transport, consumer)
+    engine.dispose()
+    transport.engine.dispose()
+
+
+def transfer(no: str, amount: Any = "100.00", to_account: Any = "2") -> dict[str, Any]:
+    return {"transfer_no": no, "to_account": to_account, "amount": amount}
+
+
+def test_each_transfer_is_credited_once_however_often_it_arrives(bank2: Bank2) -> None:
+    bank2.send("T-1", transfer("T-1", "100.10"))
+    bank2.send("T-2", transfer("T-2", "0.01"))
+    bank2.send("T-1", transfer("T-1", "100.10"))
+    stats = bank2.consumer.run_once(wait_seconds=0)
+    assert (stats.processed, stats.duplicates) == (2, 1)
+    bank2.send("T-2", transfer("T-2", "0.01"))
+    assert bank2.consumer.run_once(wait_seconds=0).duplicates == 1
+    assert bank2.credited() == {"T-1": "100.10", "T-2": "0.01"}
+    assert bank2.balance() == "100.11"
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (transfer("T-1", to_account="9"), "bank2 has no account '9'"),
+    (transfer("T-1", to_account=None), "to_account must be a string"),
+    (transfer("T-1", amount="-1.00"), "not a positive amount"),
+    (transfer("T-1", amount="1.001"), "not a positive amount"),
+    (transfer("T-1", amount="lots"), "is not a number"),
+    (transfer("T-1", amount=100), "must be a decimal string"),
+    (transfer("T-other"), "differs from the message id"),
+])
+def test_an_impossible_transfer_is_dead_lettered_with_its_reason(
+    bank2: Bank2, body: dict[str, Any], reason: str
+) -> None:
+    bank2.send("T-1", body)
+    assert bank2.consumer.run_once(wait_seconds=0).dead_lettered == 1
+    [dead] = bank2.transport.dead_letters(CONSUMER_GROUP)
+    assert dead.message_id == "T-1"
+    assert reason in (dead.reason or "")
+    assert bank2.balance() == "0.00"
+    assert bank2.credited() == {}
