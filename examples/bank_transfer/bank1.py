@@ -29,7 +29,7 @@ from outbox.db import safe_url
 from . import TOPIC
 from .models import bank1_accounts as accounts
 from .models import transfers
-from .runtime import configure_logging
+from .runtime import configure_logging, url_option
 from .validation import BadRequest, TransferRequest, parse_transfer
 
 log = structlog.get_logger("bank_transfer.bank1")
@@ -205,7 +205,7 @@ def create_app(engine: Engine) -> Starlette:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bank_transfer.bank1", description=__doc__)
-    parser.add_argument("--db", required=True, help="bank1's database URL")
+    url_option(parser, "--db", "bank1's database URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ from outbox.db import safe_url
 from . import CONSUMER_GROUP, TOPIC
 from .models import CENT, credits
 from .models import bank2_accounts as accounts
-from .runtime import configure_logging, stop_on_signals
+from .runtime import configure_logging, stop_on_signals, url_option
 
 log = structlog.get_logger("bank_transfer.bank2")
 
@@ -73,8 +73,8 @@ def credit(session: Session, message: ReceivedMessage) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bank_transfer.bank2", description=__doc__)
-    parser.add_argument("--db", required=True, help="bank2's database URL")
-    parser.add_argument("--transport-db", required=True, help="the SQL transport's database URL")
+    url_option(parser, "--db", "bank2's database URL")
+    url_option(parser, "--transport-db", "the SQL transport's database URL")
     parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds (default 0.05)")
     args = parser.parse_args(argv)
     configure_logging("bank2")

@@ -14,6 +14,8 @@ from typing import IO
 
 import httpx
 
+from .runtime import url_env_var
+
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -51,9 +53,14 @@ def free_port() -> int:
         return port
 
 
-def start(name: str, args: list[str], log_dir: Path) -> Child:
-    """Run ``python -m bank_transfer.<name> ARGS`` with stdout and stderr in ``<name>.log``."""
+def start(name: str, args: list[str], log_dir: Path, urls: dict[str, str]) -> Child:
+    """Run ``python -m bank_transfer.<name> ARGS`` with stdout and stderr in ``<name>.log``.
+
+    Database URLs (``urls``: option name to URL) go through the environment, not the
+    command line, where any local user could read a password with ``ps``.
+    """
     env = dict(os.environ)
+    env.update({url_env_var(option): url for option, url in urls.items()})
     # The child imports bank_transfer from the same folder as this demo.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES_DIR), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"

@@ -188,10 +188,10 @@ def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout:
         setup(bank2, "bank2", reset=True)
         run.before = balances(bank1, bank2)
         say(f"setup done: balance(1) = {run.before[0]}, balance(2) = {run.before[1]}")
-        children.append(start("bank1", ["--db", urls["bank1"], "--port", str(port)], workdir))
+        children.append(start("bank1", ["--port", str(port)], workdir, {"--db": urls["bank1"]}))
         for name, db in (("relay", urls["bank1"]), ("bank2", urls["bank2"])):
-            children.append(start(name, ["--db", db, "--transport-db", urls["transport"]],
-                                  workdir))
+            children.append(start(name, [], workdir,
+                                  {"--db": db, "--transport-db": urls["transport"]}))
         base = f"http://127.0.0.1:{port}"
         wait_healthy(children[0], f"{base}/health")
         say(f"services started: bank1 on {base}, relay, bank2")

@@ -13,15 +13,15 @@ import structlog
 from outbox import Relay, RelayConfig, SqlTransport, create_engine
 from outbox.db import safe_url
 
-from .runtime import configure_logging, stop_on_signals
+from .runtime import configure_logging, stop_on_signals, url_option
 
 log = structlog.get_logger("bank_transfer.relay")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bank_transfer.relay", description=__doc__)
-    parser.add_argument("--db", required=True, help="bank1's database URL (its outbox table)")
-    parser.add_argument("--transport-db", required=True, help="the SQL transport's database URL")
+    url_option(parser, "--db", "bank1's database URL (its outbox table)")
+    url_option(parser, "--transport-db", "the SQL transport's database URL")
     # The nudge after a commit only works inside bank1's process; here we poll.
     parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds (default 0.1)")
     args = parser.parse_args(argv)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -60,3 +62,20 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     return stop
+
+
+def url_env_var(option: str) -> str:
+    """The environment variable standing in for a ``--db``-style option."""
+    return "BANK_TRANSFER_" + option.lstrip("-").replace("-", "_").upper()
+
+
+def url_option(parser: argparse.ArgumentParser, option: str, help_: str) -> None:
+    """A database URL option that may come from the environment instead.
+
+    ``--db`` falls back to ``BANK_TRANSFER_DB`` (and so on): a URL with a password
+    on a command line is visible to every local user through ``ps``.
+    """
+    var = url_env_var(option)
+    default = os.environ.get(var)
+    parser.add_argument(option, default=default, required=default is None,
+                        help=f"{help_} (or set {var})")

@@ -137,10 +137,12 @@ class IdempotentConsumer:
         try:
             with self.session_factory() as session, session.begin():
                 conn = session.connection()
+                # Without preserve_rowcount SQLAlchemy may report -1 for an INSERT
+                # (it does on psycopg), and every message would pass for a duplicate.
                 inserted = conn.execute(
                     insert_ignore(conn, inbox).values(
                         consumer_group=self.group, message_id=message.id, processed_at=utcnow()
-                    )
+                    ).execution_options(preserve_rowcount=True)
                 ).rowcount
                 if inserted == 1:
                     self.handler(session, received)

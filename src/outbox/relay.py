@@ -59,6 +59,9 @@ class RelayConfig:
             raise ConfigurationError("RelayConfig.max_attempts must be at least 1")
         if self.poll_interval <= 0:
             raise ConfigurationError("RelayConfig.poll_interval must be positive")
+        if self.purge_batch_size < 1:
+            # purge() loops until a batch comes back short; a batch of 0 never does.
+            raise ConfigurationError("RelayConfig.purge_batch_size must be at least 1")
 
 
 @dataclass(frozen=True)

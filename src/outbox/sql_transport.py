@@ -146,6 +146,9 @@ class SqlTransport:
 
     def purge(self, older_than: dt.timedelta, batch_size: int = 1000) -> int:
         """Delete messages older than ``older_than`` (and their deliveries), batch by batch."""
+        if batch_size < 1:
+            # The loop ends on a short batch; a batch of 0 never is one.
+            raise ConfigurationError("purge batch_size must be at least 1")
         cutoff = utcnow() - older_than
         total = 0
         while True:

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import Connection, bindparam, delete, exists, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from .db import lock_for_writing, supports_skip_locked
@@ -65,10 +65,17 @@ def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRo
     with one key leave in commit order even with several relays running.
     """
     lock_for_writing(conn, T)
+    # Leave out rows queued behind a same-key row that is backing off: otherwise they
+    # fill the whole batch, are all held back below, and starve every other key.
+    waiting = T.alias("waiting")
+    behind_backoff = exists().where(
+        waiting.c.key == T.c.key, waiting.c.status == PENDING, waiting.c.seq < T.c.seq,
+        waiting.c.next_attempt_at > now,
+    )
     query = (
         select(T.c.seq, T.c.message_id, T.c.topic, T.c.key, T.c.tag, T.c.headers,
                T.c.payload, T.c.attempts)
-        .where(T.c.status == PENDING, T.c.next_attempt_at <= now)
+        .where(T.c.status == PENDING, T.c.next_attempt_at <= now, ~behind_backoff)
         .order_by(T.c.seq)
         .limit(batch_size)
     )

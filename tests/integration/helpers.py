@@ -1,0 +1,100 @@
+"""Small tools for the integration tests: recording publishers and row readers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+
+from outbox import BrokerUnavailableError, Message
+from outbox.schema import outbox_messages, utcnow
+from outbox.storage import add_message
+
+
+class RecordingPublisher:
+    """Records every message it publishes, in the order the publishes happened.
+
+    ``failures`` maps a message id to how many publishes of it fail before one
+    succeeds (use a large number for "always"). ``delay`` widens races.
+    """
+
+    def __init__(self, *, delay: float = 0.0, failures: dict[str, int] | None = None) -> None:
+        self.delay = delay
+        self.failures = dict(failures or {})
+        self.lock = threading.Lock()
+        self.published: list[Message] = []
+        self.attempts: Counter[str] = Counter()
+
+    def publish(self, message: Message) -> None:
+        with self.lock:
+            self.attempts[message.id] += 1
+            if self.failures.get(message.id, 0) > 0:
+                self.failures[message.id] -= 1
+                raise BrokerUnavailableError(f"injected failure for {message.id}")
+        if self.delay:
+            time.sleep(self.delay)
+        with self.lock:
+            self.published.append(message)
+
+    def close(self) -> None:
+        pass
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [m.id for m in self.published]
+
+    def counts(self) -> Counter[str]:
+        return Counter(self.ids())
+
+
+class BatchRecordingPublisher(RecordingPublisher):
+    """Also a BatchPublisher: a batch holding a failing message fails as a whole."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batches: list[list[str]] = []
+
+    def publish_batch(self, messages: Sequence[Message]) -> None:
+        with self.lock:
+            ids = [m.id for m in messages]
+            self.batches.append(ids)
+            if any(self.failures.get(i, 0) > 0 for i in ids):
+                raise BrokerUnavailableError("injected batch failure")
+            self.published.extend(messages)
+
+
+def add_messages(engine: Engine, messages: Iterable[Message]) -> None:
+    """Commit ``messages`` as pending outbox rows in one transaction."""
+    with engine.begin() as conn:
+        for m in messages:
+            add_message(conn, m)
+
+
+def outbox_row(engine: Engine, message_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(outbox_messages).where(outbox_messages.c.message_id == message_id)
+        ).one()
+
+
+def make_due(engine: Engine, message_id: str) -> None:
+    """Pull a row's next attempt into the past instead of waiting out its backoff."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(outbox_messages).where(outbox_messages.c.message_id == message_id)
+            .values(next_attempt_at=utcnow() - dt.timedelta(seconds=1))
+        )
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+
+import pytest
+
+from outbox import DecodeError, JsonCodec, MessageError
+
+codec = JsonCodec()
+
+
+@pytest.mark.parametrize(
+    "amount",
+    ["0.01", "100.50", "12345678901234567890.123456789", "-0.000000000000000000001", "1E+3"],
+)
+def test_decimal_round_trips_exactly(amount: str) -> None:
+    value = decimal.Decimal(amount)
+    data = codec.encode({"amount": value})
+    back = codec.decode(data)["amount"]
+    # Travels as its string form: every digit and the exponent survive.
+    assert back == str(value)
+    assert decimal.Decimal(back) == value
+    assert decimal.Decimal(back).as_tuple() == value.as_tuple()
+
+
+def test_json_floats_decode_to_decimal() -> None:
+    body = codec.decode(b'{"amount": 0.1, "n": 3, "nested": [2.50]}')
+    assert body == {"amount": decimal.Decimal("0.1"), "n": 3, "nested": [decimal.Decimal("2.50")]}
+    assert type(body["amount"]) is decimal.Decimal
+    assert type(body["n"]) is int
+    assert str(body["nested"][0]) == "2.50"
+
+
+def test_encoded_float_comes_back_as_decimal() -> None:
+    assert codec.decode(codec.encode(0.1)) == decimal.Decimal("0.1")
+
+
+def test_datetimes_and_uuids_are_written_as_strings() -> None:
+    when = dt.datetime(2024, 5, 1, 12, 30, 0, 123456)
+    ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    body = codec.decode(codec.encode({"when": when, "day": when.date(), "id": ident}))
+    assert body == {"when": "2024-05-01T12:30:00.123456", "day": "2024-05-01", "id": str(ident)}
+
+
+def test_text_is_utf8_not_escaped() -> None:
+    data = codec.encode({"name": "张三"})
+    assert "张三".encode() in data
+    assert codec.decode(data) == {"name": "张三"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), -float("inf"), decimal.Decimal("NaN"),
+     decimal.Decimal("Infinity"), decimal.Decimal("-Infinity"), {"a": [float("nan")]}],
+)
+def test_non_finite_numbers_are_refused(value: object) -> None:
+    with pytest.raises(MessageError):
+        codec.encode(value)
+
+
+@pytest.mark.parametrize("data", [b"NaN", b'{"a": Infinity}', b"[-Infinity]"])
+def test_non_finite_constants_are_refused_when_decoding(data: bytes) -> None:
+    with pytest.raises(DecodeError, match="not valid JSON"):
+        codec.decode(data)
+
+
+@pytest.mark.parametrize("value", [object(), {1, 2}, b"bytes", {(1, 2): "tuple key"}, 1j])
+def test_unencodable_values_raise_message_error(value: object) -> None:
+    with pytest.raises(MessageError, match="cannot"):
+        codec.encode(value)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (b'{"name": "\xe5\xbc"}', "not valid UTF-8"),
+        (b"{", "not valid JSON"),
+        (b"hello", "not valid JSON"),
+        (b'{"a": 1} trailing', "not valid JSON"),
+        (b"[" * 100_000, "not valid JSON"),  # nesting deeper than the recursion limit
+        ("{}", "must be bytes"),
+        (None, "must be bytes"),
+    ],
+)
+def test_bad_payloads_raise_decode_error(data: object, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason):
+        codec.decode(data)  # type: ignore[arg-type]
+
+
+def test_size_limit_on_both_sides() -> None:
+    small = JsonCodec(max_bytes=16)
+    assert small.decode(small.encode("x" * 14)) == "x" * 14  # 16 bytes with quotes
+    with pytest.raises(MessageError, match="limit is 16 bytes"):
+        small.encode("x" * 15)
+    with pytest.raises(DecodeError, match="limit is 16"):
+        small.decode(json.dumps("x" * 15).encode())
+
+
+def test_default_limit_is_one_mebibyte() -> None:
+    big = b'"' + b"x" * (1024 * 1024 - 1) + b'"'
+    with pytest.raises(DecodeError, match="limit"):
+        codec.decode(big)
+    assert codec.decode(big[:-2] + b'"') == "x" * (1024 * 1024 - 2)
+
+
+def test_decode_accepts_bytearray_and_memoryview() -> None:
+    assert codec.decode(bytearray(b"[1]")) == [1]
+    assert codec.decode(memoryview(b'{"a":null}')) == {"a": None}
