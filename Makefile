@@ -35,6 +35,7 @@ services-down:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples migrations
 	$(VENV)/bin/mypy
+	MYPYPATH=examples $(VENV)/bin/mypy --strict -p bank_transfer
 
 test: $(STAMP) services lint
 	eval "$$(scripts/services env)"; $(PY) -m pytest

@@ -10,7 +10,6 @@ from sqlalchemy import Engine, Table, func, select
 
 from outbox import SqlTransport
 from outbox.schema import inbox, outbox_messages
-from outbox.sql_transport import DONE, deliveries
 from outbox.storage import counts
 
 from . import CONSUMER_GROUP, TOPIC
@@ -74,10 +73,7 @@ def read_books(bank1: Engine, bank2: Engine, transport: SqlTransport) -> Books:
             select(credits.c.transfer_no, credits.c.amount))}
         inbox_rows = conn.scalar(select(func.count()).select_from(inbox)
                                  .where(inbox.c.consumer_group == CONSUMER_GROUP)) or 0
-    with transport.engine.connect() as conn:
-        done = conn.scalar(select(func.count()).select_from(deliveries).where(
-            deliveries.c.consumer_group == CONSUMER_GROUP, deliveries.c.topic == TOPIC,
-            deliveries.c.status == DONE)) or 0
+    done = transport.counts(TOPIC, CONSUMER_GROUP)["done"]
     return Books(
         balance1=balance1, balance2=balance2, transfers=debits, credits=credited,
         outbox=outbox, outbox_ids=outbox_ids, inbox_rows=int(inbox_rows),

@@ -10,7 +10,6 @@ services' logs go to files in the run folder, not to this output.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import sys
@@ -21,12 +20,13 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
-from sqlalchemy import Engine, make_url, select
+from sqlalchemy import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from outbox import Message, OutboxError, SqlTransport, create_engine
+from outbox import OutboxError, SqlTransport, create_engine
 from outbox.db import safe_url
-from outbox.schema import SENT, outbox_messages
+from outbox.schema import SENT
+from outbox.storage import read_messages
 
 from .audit import Books, backlog, balances, find_problems, read_books
 from .children import Child, ServiceFailed, free_port, start, stop_all, wait_healthy
@@ -110,19 +110,15 @@ def publish_again(bank1: Engine, transport: SqlTransport, timeout: float = 30.0)
     deadline = time.monotonic() + timeout
     while True:
         with bank1.connect() as conn:
-            row = conn.execute(select(outbox_messages).where(outbox_messages.c.status == SENT)
-                               .order_by(outbox_messages.c.seq).limit(1)).first()
-        if row is not None:
+            sent = read_messages(conn, status=SENT, limit=1)
+        if sent:
             break
         if time.monotonic() >= deadline:
             raise ServiceFailed(f"the relay sent nothing within {timeout:.0f} s; see relay.log")
         time.sleep(0.05)
-    transport.publisher().publish(Message(
-        id=row.message_id, topic=row.topic, payload=bytes(row.payload), key=row.key,
-        tag=row.tag, headers=json.loads(row.headers),
-    ))
-    say(f"published message {row.message_id} onto the transport a second time (same id)")
-    return str(row.message_id)
+    transport.publisher().publish(sent[0])
+    say(f"published message {sent[0].id} onto the transport a second time (same id)")
+    return sent[0].id
 
 
 def wait_settled(bank1: Engine, transport: SqlTransport, children: list[Child],

@@ -13,7 +13,6 @@ from sqlalchemy import Engine, select
 import outbox
 from outbox import SqlTransport, create_engine
 from outbox.db import safe_url
-from outbox.sql_transport import transport_metadata
 
 from .models import BANKS, BankName
 
@@ -40,10 +39,10 @@ def setup(engine: Engine, bank: BankName, *, reset: bool = False) -> None:
 
 def setup_transport(engine: Engine, *, reset: bool = False) -> None:
     """Create the SQL transport's queue tables, dropping them first if ``reset``."""
+    transport = SqlTransport(engine)
     if reset:
-        # SqlTransport can create its tables but has no public way to drop them.
-        transport_metadata.drop_all(engine)
-    SqlTransport(engine).create_tables()
+        transport.drop_tables()
+    transport.create_tables()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,10 +14,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .codec import JsonCodec
+from .db import lock_for_writing
 from .errors import ConfigurationError, MessageError
 from .message import Message
 from .relay import Relay, RelayConfig
-from .schema import utcnow
+from .schema import outbox_messages, utcnow
 from .storage import add_message
 from .transaction import (
     CREATED_AT_HEADER,
@@ -52,6 +53,7 @@ class LocalOutbox:
 
     def send(self, outbox: Outbox, message: Message, work: LocalWork) -> Any:
         with outbox.session_factory() as session, session.begin():
+            lock_for_writing(session.connection(), outbox_messages)
             work.run(session)
             add_message(session, message)
         log.debug("outbox_message_committed", **message.log_fields())

@@ -144,6 +144,9 @@ class IdempotentConsumer:
                         consumer_group=self.group, message_id=message.id, processed_at=utcnow()
                     ).execution_options(preserve_rowcount=True)
                 ).rowcount
+                if inserted not in (0, 1):
+                    # Never guess: a wrong guess would drop the message as a duplicate.
+                    raise RuntimeError(f"inbox INSERT reported {inserted} rows; expected 0 or 1")
                 if inserted == 1:
                     self.handler(session, received)
         except Reject as exc:

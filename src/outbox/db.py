@@ -103,10 +103,13 @@ def insert_ignore(bind: Connection | Engine, table: Table) -> Insert:
 def lock_for_writing(conn: Connection, table: Table) -> None:
     """On SQLite, take the database's write lock now rather than at the first write.
 
-    SQLite has one writer and no row locks: a claim that read first and wrote later
-    could hand the same rows to two relays. A no-op UPDATE as the first statement
-    makes the whole claim one serialized write transaction. Other databases lock
-    rows with SELECT ... FOR UPDATE instead, so this does nothing there.
+    SQLite has one writer and no row locks, and its Python driver begins a
+    transaction only at the first write, so reads before it see no consistent
+    snapshot: a relay's claim could hand one row to two relays, and a decorated
+    function could check a balance that another process changes before its UPDATE.
+    A no-op UPDATE as the first statement makes the whole transaction one
+    serialized write transaction. Other databases lock rows instead (SELECT ... FOR
+    UPDATE), so this does nothing there.
     """
     if dialect_name(conn) == "sqlite":
         first_col = next(iter(table.primary_key.columns))

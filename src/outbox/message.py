@@ -43,6 +43,9 @@ def _check_text(name: str, value: object, limit: int, *, required: bool) -> None
         raise MessageError(f"message {name} is {len(value)} characters; the limit is {limit}")
     if "\x00" in value:
         raise MessageError(f"message {name} must not contain NUL characters")
+    if value != value.strip():
+        # MySQL compares strings ignoring trailing spaces: "a " would pass for "a".
+        raise MessageError(f"message {name} {value!r} must not start or end with whitespace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,10 @@ class Message:
                 raise MessageError(f"message header {k!r} must map a str to a str")
         # Frozen means frozen: a caller's dict must not change the message later.
         object.__setattr__(self, "headers", MappingProxyType(dict(headers)))
+
+    def __hash__(self) -> int:
+        # The headers mapping is not hashable; the id is what names a message.
+        return hash((self.id, self.topic, self.payload))
 
     def log_fields(self) -> dict[str, Any]:
         """The fields every log event about this message carries."""

@@ -77,6 +77,19 @@ def _error_text(exc: BaseException) -> str:
     return text[:MAX_ERROR_LENGTH]
 
 
+def _refuse_same_sqlite_file(engine: Engine, publisher: Publisher) -> None:
+    target = getattr(publisher, "engine", None)
+    if not isinstance(target, Engine) or engine.dialect.name != "sqlite":
+        return
+    if target.dialect.name == "sqlite" and target.url.database == engine.url.database:
+        # The relay holds SQLite's only write lock while it publishes, so a publisher
+        # writing to the same file would wait for it until the busy timeout.
+        raise ConfigurationError(
+            f"the SQL transport must not live in the outbox's own SQLite file "
+            f"({engine.url.database}); give it a file of its own, e.g. sqlite:///broker.db"
+        )
+
+
 class Relay:
     """Moves committed outbox rows of one database to a publisher.
 
@@ -93,6 +106,7 @@ class Relay:
         *,
         wakeup: threading.Event | None = None,
     ) -> None:
+        _refuse_same_sqlite_file(engine, publisher)
         self.engine = engine
         self.publisher = publisher
         self.config = config or RelayConfig()

@@ -8,6 +8,7 @@ creates exactly these tables), or pass it beside your own metadata to Alembic's
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -43,6 +44,23 @@ TIMESTAMP: TypeEngine[dt.datetime] = DateTime(timezone=False).with_variant(
 )
 LONG_TEXT: TypeEngine[str] = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 
+
+def exact_string(length: int) -> TypeEngine[str]:
+    """A string compared byte for byte: ids, topics, keys and groups.
+
+    MySQL's default collations call "TX-a" and "tx-A " equal, which would make two
+    messages one and drop the second as a duplicate.
+    """
+    return String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+    )
+
+
+ID = 64
+NAME = 200
+#: Table options: UTF-8 whatever the MySQL server's default character set is.
+TABLE_OPTIONS: dict[str, Any] = {"mysql_charset": "utf8mb4", "mariadb_charset": "utf8mb4"}
+
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 #: Row states of :data:`outbox_messages`.
@@ -52,9 +70,9 @@ outbox_messages = Table(
     "outbox_messages",
     metadata,
     Column("seq", SEQ, primary_key=True, autoincrement=True),
-    Column("message_id", String(64), nullable=False, unique=True),
-    Column("topic", String(200), nullable=False),
-    Column("key", String(200), nullable=True),
+    Column("message_id", exact_string(ID), nullable=False, unique=True),
+    Column("topic", exact_string(NAME), nullable=False),
+    Column("key", exact_string(NAME), nullable=True),
     Column("tag", String(100), nullable=True),
     Column("headers", LONG_TEXT, nullable=False),
     Column("payload", PAYLOAD, nullable=False),
@@ -66,26 +84,29 @@ outbox_messages = Table(
     Column("sent_at", TIMESTAMP, nullable=True),
     Index(None, "status", "seq"),
     Index(None, "key", "status", "seq"),
+    **TABLE_OPTIONS,
 )
 
 transaction_log = Table(
     "outbox_transaction_log",
     metadata,
-    Column("transaction_id", String(64), primary_key=True),
-    Column("message_id", String(64), nullable=False),
-    Column("topic", String(200), nullable=False),
+    Column("transaction_id", exact_string(ID), primary_key=True),
+    Column("message_id", exact_string(ID), nullable=False),
+    Column("topic", exact_string(NAME), nullable=False),
     Column("created_at", TIMESTAMP, nullable=False),
     Index(None, "created_at"),
+    **TABLE_OPTIONS,
 )
 
 inbox = Table(
     "outbox_inbox",
     metadata,
-    Column("consumer_group", String(200), nullable=False),
-    Column("message_id", String(64), nullable=False),
+    Column("consumer_group", exact_string(NAME), nullable=False),
+    Column("message_id", exact_string(ID), nullable=False),
     Column("processed_at", TIMESTAMP, nullable=False),
     PrimaryKeyConstraint("consumer_group", "message_id"),
     Index(None, "processed_at"),
+    **TABLE_OPTIONS,
 )
 
 

@@ -33,12 +33,23 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from .db import dialect_name, insert_ignore, lock_for_writing, safe_url, supports_skip_locked
-from .errors import BrokerUnavailableError, ConfigurationError
+from .errors import BrokerUnavailableError, ConfigurationError, PublishError
 from .message import Message
-from .schema import LONG_TEXT, NAMING_CONVENTION, PAYLOAD, SEQ, TIMESTAMP, utcnow
+from .schema import (
+    ID,
+    LONG_TEXT,
+    NAME,
+    NAMING_CONVENTION,
+    PAYLOAD,
+    SEQ,
+    TABLE_OPTIONS,
+    TIMESTAMP,
+    exact_string,
+    utcnow,
+)
 from .transport import Delivery
 
 transport_metadata = MetaData(naming_convention=NAMING_CONVENTION)
@@ -49,29 +60,31 @@ messages = Table(
     "outbox_transport_messages",
     transport_metadata,
     Column("seq", SEQ, primary_key=True, autoincrement=True),
-    Column("topic", String(200), nullable=False),
-    Column("message_id", String(64), nullable=True),
-    Column("key", String(200), nullable=True),
+    Column("topic", exact_string(NAME), nullable=False),
+    Column("message_id", exact_string(ID), nullable=True),
+    Column("key", exact_string(NAME), nullable=True),
     Column("tag", String(100), nullable=True),
     Column("headers", LONG_TEXT, nullable=False),
     Column("payload", PAYLOAD, nullable=False),
     Column("created_at", TIMESTAMP, nullable=False),
     Index(None, "topic", "seq"),
     Index(None, "created_at"),
+    **TABLE_OPTIONS,
 )
 
 deliveries = Table(
     "outbox_transport_deliveries",
     transport_metadata,
-    Column("consumer_group", String(200), nullable=False),
+    Column("consumer_group", exact_string(NAME), nullable=False),
     Column("seq", SEQ, nullable=False),
-    Column("topic", String(200), nullable=False),
+    Column("topic", exact_string(NAME), nullable=False),
     Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("visible_at", TIMESTAMP, nullable=False),
     Column("last_error", LONG_TEXT, nullable=True),
     PrimaryKeyConstraint("consumer_group", "seq"),
     Index(None, "consumer_group", "status", "visible_at"),
+    **TABLE_OPTIONS,
 )
 
 
@@ -85,7 +98,13 @@ class DeadLetter:
     payload: bytes
 
 
-def _wrap(exc: SQLAlchemyError, engine: Engine) -> BrokerUnavailableError:
+def _wrap(exc: SQLAlchemyError, engine: Engine) -> PublishError:
+    if isinstance(exc, IntegrityError | DataError):
+        # The server is there and refused this row: retrying will not help by itself.
+        return PublishError(
+            f"SQL transport database {safe_url(engine.url)} refused the row: "
+            f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0][:300]}"
+        )
     return BrokerUnavailableError(
         f"SQL transport database {safe_url(engine.url)} failed: {type(exc).__name__}; "
         "check that it is reachable and that its tables exist (SqlTransport.create_tables())"
@@ -102,7 +121,27 @@ class SqlTransport:
         self.poll_interval = poll_interval
 
     def create_tables(self) -> None:
+        """Create the queue tables if they are missing."""
         transport_metadata.create_all(self.engine)
+
+    def drop_tables(self) -> None:
+        """Drop the queue tables and everything on them."""
+        transport_metadata.drop_all(self.engine)
+
+    def counts(self, topic: str, group: str) -> dict[str, int]:
+        """Messages of ``topic`` by state for ``group``: ``unseen`` (never fetched),
+        ``ready`` (waiting or in flight), ``done`` (acknowledged), ``dead``."""
+        out = {"unseen": 0, READY: 0, DONE: 0, DEAD: 0}
+        with self.engine.connect() as conn:
+            total = conn.scalar(select(func.count()).where(messages.c.topic == topic)) or 0
+            for status, n in conn.execute(
+                select(deliveries.c.status, func.count())
+                .where(deliveries.c.consumer_group == group, deliveries.c.topic == topic)
+                .group_by(deliveries.c.status)
+            ):
+                out[status] = int(n)
+        out["unseen"] = int(total) - out[READY] - out[DONE] - out[DEAD]
+        return out
 
     def publisher(self) -> SqlPublisher:
         return SqlPublisher(self)
@@ -136,13 +175,8 @@ class SqlTransport:
 
     def pending_count(self, topic: str, group: str) -> int:
         """Messages of ``topic`` not yet done or dead for ``group``."""
-        with self.engine.connect() as conn:
-            total = conn.scalar(select(func.count()).where(messages.c.topic == topic)) or 0
-            settled = conn.scalar(select(func.count()).where(
-                deliveries.c.consumer_group == group, deliveries.c.topic == topic,
-                deliveries.c.status.in_((DONE, DEAD)),
-            )) or 0
-        return int(total) - int(settled)
+        counts = self.counts(topic, group)
+        return counts["unseen"] + counts[READY]
 
     def purge(self, older_than: dt.timedelta, batch_size: int = 1000) -> int:
         """Delete messages older than ``older_than`` (and their deliveries), batch by batch."""
@@ -176,6 +210,7 @@ class SqlPublisher:
 
     def __init__(self, transport: SqlTransport) -> None:
         self.transport = transport
+        self.engine = transport.engine
 
     def publish(self, message: Message) -> None:
         self.publish_batch([message])

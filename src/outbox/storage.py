@@ -48,7 +48,8 @@ class ClaimedRow:
     message: Message
 
 
-def _to_message(row: object) -> Message:
+def to_message(row: object) -> Message:
+    """Rebuild the :class:`Message` an outbox row holds."""
     r = row._mapping  # type: ignore[attr-defined]
     return Message(
         id=r["message_id"], topic=r["topic"], payload=bytes(r["payload"]), key=r["key"],
@@ -97,7 +98,7 @@ def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRo
             if seq not in mine and seq < first_foreign.get(key, seq + 1):
                 first_foreign[key] = seq
     return [
-        ClaimedRow(r.seq, r.attempts, _to_message(r))
+        ClaimedRow(r.seq, r.attempts, to_message(r))
         for r in rows
         if r.key is None or r.seq < first_foreign.get(r.key, r.seq + 1)
     ]
@@ -149,6 +150,14 @@ def mark_failed(conn: Connection, failures: Sequence[Failure]) -> None:
             for f in failures
         ],
     )
+
+
+def read_messages(conn: Connection, *, status: str = SENT, limit: int = 100) -> list[Message]:
+    """The oldest ``limit`` messages in ``status`` (pending, sent or dead)."""
+    rows = conn.execute(
+        select(T).where(T.c.status == status).order_by(T.c.seq).limit(limit)
+    ).all()
+    return [to_message(r) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)

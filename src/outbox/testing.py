@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .errors import BrokerUnavailableError
+from .errors import BrokerUnavailableError, PublishError
 from .message import Message
 from .transport import Delivery
 
@@ -56,6 +56,22 @@ class InMemoryBroker:
             self._append(Delivery(topic=message.topic, payload=message.payload,
                                   message_id=message.id, attempt=0, key=message.key,
                                   tag=message.tag, headers=dict(message.headers)))
+
+    def publish_batch(self, messages: Sequence[Message]) -> None:
+        """Publish all of ``messages`` or, if told to fail, none of them."""
+        with self._lock:
+            if self._fail_next > 0:
+                self._fail_next -= 1
+                raise BrokerUnavailableError("in-memory broker told to fail this publish")
+            for message in messages:
+                if not isinstance(message.payload, bytes) or not message.id:
+                    # Like a database refusing one row: the whole batch is refused.
+                    raise PublishError(f"in-memory broker refused message {message.id!r}")
+            for message in messages:
+                self.published.append(message)
+                self._append(Delivery(topic=message.topic, payload=message.payload,
+                                      message_id=message.id, attempt=0, key=message.key,
+                                      tag=message.tag, headers=dict(message.headers)))
 
     def put_raw(self, delivery: Delivery) -> None:
         """Put a raw (possibly malformed) delivery on its topic."""

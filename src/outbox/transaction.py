@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .db import lock_for_writing
 from .message import Message, TransactionState
 from .schema import transaction_log, utcnow
 
@@ -85,6 +86,7 @@ class SqlAlchemyTransactionListener:
             with self.session_factory() as session:
                 transaction = session.begin()
                 with transaction:
+                    lock_for_writing(session.connection(), transaction_log)
                     work.run(session)
                     session.execute(transaction_log.insert().values(
                         transaction_id=message.id, message_id=message.id,

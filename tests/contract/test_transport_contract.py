@@ -1,5 +1,6 @@
-"""The transport contract: every transport runs every test; a test of a guarantee a
-transport does not declare (see ``Features``) is skipped for it."""
+"""The transport contract: every transport runs every test; a test marked
+``needs(feature)`` runs only on transports that declare that feature (see
+``Features``), and is deselected for the others."""
 
 from __future__ import annotations
 
@@ -14,11 +15,6 @@ from outbox import Message, PublishError
 from outbox.typing import BatchPublisher
 
 from .transports import Features, TransportUnderTest, message
-
-
-def requires(transport: TransportUnderTest, feature: str) -> None:
-    if not getattr(transport.features, feature):
-        pytest.skip(f"{type(transport).__name__} does not declare {feature}")
 
 
 def fetch_all(sub: object, expected: int, timeout: float = 10.0) -> list:  # type: ignore[type-arg]
@@ -75,10 +71,10 @@ def test_only_the_subscribed_topic_is_delivered(transport: TransportUnderTest) -
     assert [d.message_id for d in transport.subscriber("contract", "g").fetch(10, 1.0)] == ["c-1"]
 
 
+@pytest.mark.needs("ordered")
 def test_fetch_hands_out_at_most_max_messages_in_publish_order(
     transport: TransportUnderTest,
 ) -> None:
-    requires(transport, "ordered")
     pub = transport.publisher()
     ids = [f"m-{i:03d}" for i in range(12)]
     for i in ids:
@@ -100,10 +96,10 @@ def test_ack_removes_the_message(transport: TransportUnderTest) -> None:
     assert transport.dead_letters("contract", "g") == []
 
 
+@pytest.mark.needs("redelivers_after_visibility_timeout")
 def test_unacknowledged_message_comes_back_after_the_visibility_timeout(
     transport: TransportUnderTest,
 ) -> None:
-    requires(transport, "redelivers_after_visibility_timeout")
     transport.publisher().publish(message(id="m-1", payload=b"x"))
     sub = transport.subscriber("contract", "g", visibility_timeout=0.4)
     taken = time.monotonic()
@@ -220,8 +216,8 @@ def test_subscribers_of_one_group_never_share_a_message(transport: TransportUnde
     assert set(acked.values()) == {1}
 
 
+@pytest.mark.needs("batch_publish")
 def test_publish_batch_is_all_or_nothing(transport: TransportUnderTest) -> None:
-    requires(transport, "batch_publish")
     pub = transport.publisher()
     assert isinstance(pub, BatchPublisher)
     # A message that slipped past validation: the store must refuse it, and with it
@@ -265,8 +261,8 @@ def test_fetch_returns_as_soon_as_a_message_arrives(transport: TransportUnderTes
     assert time.monotonic() - start < 5.0
 
 
+@pytest.mark.needs("shared_between_processes")
 def test_another_process_can_publish(transport: TransportUnderTest) -> None:
-    requires(transport, "shared_between_processes")
     ids = [f"p-{i}" for i in range(5)]
     transport.publish_from_another_process("contract", ids)
     got = fetch_all(transport.subscriber("contract", "g"), 5)

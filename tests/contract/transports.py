@@ -48,7 +48,7 @@ class TransportUnderTest(Protocol):
 class MemoryUnderTest:
     features = Features(
         shared_between_processes=False, redelivers_after_visibility_timeout=True,
-        batch_publish=False, ordered=True,
+        batch_publish=True, ordered=True,
     )
 
     def __init__(self) -> None:

@@ -345,15 +345,24 @@ def test_queue_rows_are_untouched_by_consumption(
 
 def test_message_ids_differing_only_in_case_are_different_messages(
     engine: Engine, tables: SimpleNamespace, transport: SqlTransport, subscriber: SpySubscriber,
-    backend: str, request: pytest.FixtureRequest,
 ) -> None:
-    if backend == "mariadb":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "known bug: outbox_inbox.message_id uses the database's case-insensitive "
-            "collation on MariaDB/MySQL, so 'TX-A' passes for a duplicate of 'tx-a'")))
     handler = Recorder(tables)
     consumer = IdempotentConsumer(engine, subscriber, GROUP, handler)
     publish(transport, "tx-a", {"n": 1})
     publish(transport, "TX-A", {"n": 2})
     consume_until_settled(consumer, transport)
     assert sorted(m.id for m in handler.calls) == ["TX-A", "tx-a"]
+
+
+def test_an_id_with_trailing_space_is_dead_lettered_not_taken_for_another(
+    engine: Engine, tables: SimpleNamespace, transport: SqlTransport, subscriber: SpySubscriber,
+) -> None:
+    handler = Recorder(tables)
+    consumer = IdempotentConsumer(engine, subscriber, GROUP, handler)
+    publish(transport, "tx-b", {"n": 1})
+    transport.put_raw(TOPIC, b'{"n": 2}', message_id="tx-b ")
+    consume_until_settled(consumer, transport)
+    assert [m.id for m in handler.calls] == ["tx-b"]
+    [dead] = transport.dead_letters(GROUP)
+    assert dead.message_id == "tx-b "
+    assert "whitespace" in (dead.reason or "")
