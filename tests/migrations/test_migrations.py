@@ -13,6 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, MetaData, inspect, make_url, text
+from sqlalchemy.engine import URL
 
 import outbox
 from outbox import migrations
@@ -20,16 +21,6 @@ from outbox import migrations
 ROOT = Path(__file__).resolve().parents[2]
 OUTBOX_TABLES = {"outbox_messages", "outbox_transaction_log", "outbox_inbox"}
 SCRATCH_DB = "outbox_migrations_test"
-
-
-def _server_url(var: str) -> str:
-    url = os.environ.get(var)
-    if not url:
-        message = f"{var} is not set: start the servers with  scripts/services up"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return url
 
 
 def _fresh_database(base_url: str) -> str:
@@ -55,8 +46,9 @@ def _fresh_database(base_url: str) -> str:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'migrations.db'}"
-    var = "OUTBOX_TEST_POSTGRES_URL" if request.param == "postgres" else "OUTBOX_TEST_MARIADB_URL"
-    return _fresh_database(_server_url(var))
+    # The root conftest's server fixtures skip on a laptop and fail in CI.
+    server: URL = request.getfixturevalue(f"{request.param}_url")
+    return _fresh_database(server.render_as_string(hide_password=False))
 
 
 @pytest.fixture
