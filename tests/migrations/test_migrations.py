@@ -117,3 +117,17 @@ def test_user_autogenerate_sees_outbox_tables_in_sync(engine: Engine) -> None:
 def test_versions_location_is_shipped() -> None:
     files = {p.name for p in migrations.versions_location().glob("*.py")}
     assert "0001_outbox_tables.py" in files
+
+
+def test_migrated_ids_compare_exactly(engine: Engine) -> None:
+    """Ids differing only in case are two rows, as with the models' own tables
+    (MySQL's default collation would call them equal)."""
+    migrations.upgrade(engine)
+    now = outbox.schema.utcnow()
+    with engine.begin() as conn:
+        for message_id in ("tx-a", "TX-A"):
+            conn.execute(outbox.schema.inbox.insert().values(
+                consumer_group="g", message_id=message_id, processed_at=now))
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT message_id FROM outbox_inbox")).scalars().all()
+    assert sorted(rows) == ["TX-A", "tx-a"]
