@@ -14,6 +14,7 @@ log file under ~/logs/rocketmq_python.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import uuid
@@ -31,8 +32,14 @@ def main() -> int:
     deadline = start + args.timeout
 
     # Imported here, not at the top: the import itself configures logging.
-    from rocketmq import (ClientConfiguration, Credentials, FilterExpression,
-                          Message, Producer, SimpleConsumer)
+    from rocketmq import (
+        ClientConfiguration,
+        Credentials,
+        FilterExpression,
+        Message,
+        Producer,
+        SimpleConsumer,
+    )
 
     config = ClientConfiguration(args.endpoint, Credentials(), request_timeout=5)
     token = f"probe-{uuid.uuid4().hex}"
@@ -79,12 +86,12 @@ def main() -> int:
         finally:
             for client in (producer, consumer):
                 if client is not None:
-                    try:
+                    with contextlib.suppress(Exception):
                         client.shutdown()
-                    except Exception:
-                        pass
 
-    detail = f"{type(last_error).__name__}: {last_error}" if last_error else "message never came back"
+    detail = (
+        f"{type(last_error).__name__}: {last_error}" if last_error else "message never came back"
+    )
     print(
         f"probe failed after {time.monotonic() - start:.1f} s ({attempt} attempts) "
         f"against {args.endpoint}, topic {args.topic}: {detail}",
