@@ -7,7 +7,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import structlog
 from sqlalchemy import Engine
@@ -42,6 +42,14 @@ class DeliveryAdapter(Protocol):
     """
 
     def send(self, outbox: Outbox, message: Message, work: LocalWork) -> Any: ...
+
+
+@runtime_checkable
+class TopicRegistry(Protocol):
+    """Optional ability of a delivery adapter: learn, when a function is decorated,
+    which database produces a topic (to answer the broker's check-backs)."""
+
+    def register(self, topic: str, outbox: Outbox) -> None: ...
 
 
 class LocalOutbox:
@@ -189,6 +197,8 @@ def transactional_message(
         raise ConfigurationError("payload must be a callable taking the function's arguments")
 
     def decorate(fn: Callable[..., R]) -> Callable[..., R]:
+        if isinstance(outbox.delivery, TopicRegistry):
+            outbox.delivery.register(topic, outbox)
         params = list(inspect.signature(fn).parameters.values())
         if not params or params[0].kind not in (
             inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD

@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import lock_for_writing
+from .errors import TransactionRolledBack
 from .message import Message, TransactionState
 from .schema import transaction_log, utcnow
 
@@ -92,6 +93,7 @@ class SqlAlchemyTransactionListener:
                         transaction_id=message.id, message_id=message.id,
                         topic=message.topic, created_at=self.clock(),
                     ))
+                    self._refuse_late_commit(message)
                     committing = True
         except Exception as exc:
             if work.exception is None:
@@ -103,6 +105,19 @@ class SqlAlchemyTransactionListener:
                 return TransactionState.UNKNOWN
             return TransactionState.ROLLBACK
         return TransactionState.COMMIT
+
+    def _refuse_late_commit(self, message: Message) -> None:
+        # A check-back answers ROLLBACK for a message older than the timeout without a
+        # log row. Committing that late would leave the change without its message,
+        # so a transaction past half the timeout rolls back instead: the other half
+        # is the margin for the commit itself.
+        created = message_created_at(message)
+        if created is not None and self.clock() - created > self.timeout / 2:
+            raise TransactionRolledBack(
+                f"the local transaction for message {message.id} ran longer than half the "
+                f"local-transaction timeout ({self.timeout.total_seconds():.0f} s) and was "
+                "rolled back; raise Outbox(local_transaction_timeout=...) for longer work"
+            )
 
     def check(self, message: Message) -> TransactionState:
         """Answer a check-back from the transaction log."""

@@ -1,0 +1,161 @@
+"""Everything that touches the ``rocketmq`` client module, imported lazily.
+
+``import rocketmq`` reconfigures the process's logging (it calls dictConfig, which
+closes existing handlers); the import here puts the application's logging back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from outbox.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    OutboxError,
+    PublishError,
+)
+from outbox.message import Message
+from outbox.transport import Delivery
+
+from .config import RocketMQConfig
+
+#: The user property carrying the outbox message id (RocketMQ assigns its own id).
+MESSAGE_ID_PROPERTY = "OUTBOX_MESSAGE_ID"
+#: The user property carrying the headers as JSON (RocketMQ refuses blank values).
+HEADERS_PROPERTY = "OUTBOX_HEADERS"
+
+
+@functools.cache
+def rocketmq() -> Any:
+    """The client module, imported once with the application's logging preserved."""
+    root = logging.getLogger()
+    saved_root = (list(root.handlers), root.level)
+    saved = {
+        name: (list(lg.handlers), lg.level, lg.propagate, lg.disabled)
+        for name, lg in logging.Logger.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger)
+    }
+    try:
+        import rocketmq as module
+    except ImportError as exc:
+        raise ConfigurationError(
+            'the RocketMQ adapter needs its client: pip install "outbox[rocketmq]"'
+        ) from exc
+    finally:
+        root.handlers[:], root.level = saved_root
+        for name, (handlers, level, propagate, disabled) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+            lg.disabled = disabled
+    return module
+
+
+def client_configuration(config: RocketMQConfig) -> Any:
+    rmq = rocketmq()
+    credentials = (
+        rmq.Credentials(config.access_key, config.secret_key)
+        if config.access_key is not None else rmq.Credentials()
+    )
+    # The client wants whole seconds: a float breaks its gRPC calls deep inside.
+    timeout = max(1, math.ceil(config.request_timeout))
+    return rmq.ClientConfiguration(config.endpoints, credentials, config.namespace, timeout)
+
+
+def to_rocketmq(message: Message) -> Any:
+    rmq = rocketmq()
+    out = rmq.Message()
+    out.topic = message.topic
+    out.body = message.payload
+    if message.tag:
+        out.tag = message.tag
+    if message.key:
+        out.keys = message.key
+    out.add_property(HEADERS_PROPERTY, json.dumps(dict(message.headers), sort_keys=True))
+    out.add_property(MESSAGE_ID_PROPERTY, message.id)
+    return out
+
+
+def _headers(properties: Mapping[str, str]) -> dict[str, str]:
+    try:
+        value = json.loads(properties.get(HEADERS_PROPERTY) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def from_rocketmq(received: Any) -> Message:
+    """The outbox message inside a received (or checked-back) RocketMQ message."""
+    properties = dict(received.properties or {})
+    keys = list(received.keys or ())
+    return Message(
+        id=properties.get(MESSAGE_ID_PROPERTY) or "",
+        topic=received.topic, payload=bytes(received.body or b""),
+        key=keys[0] if keys else None, tag=received.tag or None,
+        headers=_headers(properties),
+    )
+
+
+def to_delivery(received: Any) -> Delivery:
+    properties = dict(received.properties or {})
+    keys = list(received.keys or ())
+    return Delivery(
+        topic=received.topic, payload=bytes(received.body or b""),
+        message_id=properties.get(MESSAGE_ID_PROPERTY),
+        attempt=int(received.delivery_attempt or 1),
+        key=keys[0] if keys else None, tag=received.tag or None,
+        headers=_headers(properties), handle=received,
+    )
+
+
+def proxy_listens(config: RocketMQConfig) -> bool:
+    """Whether the first endpoint accepts a TCP connection (on the error path only)."""
+    host, _, port = config.endpoints.split(";")[0].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def wrap_error(exc: BaseException, config: RocketMQConfig, what: str) -> OutboxError:
+    """Turn a client error into one of ours, with what to do about it."""
+    text = str(exc)
+    name = type(exc).__name__
+    lowered = text.lower()
+    where = f"RocketMQ proxy {config.endpoints}"
+    if name in ("UnauthorizedException", "ForbiddenException") or "signature" in lowered:
+        return ConfigurationError(
+            f"{what}: {where} refused the credentials ({name}); check access_key and "
+            "secret_key and the ACL of the topic"
+        )
+    missing = "failed to fetch topic" in lowered and proxy_listens(config)
+    if missing or name == "NotFoundException" or "no topic route" in lowered:
+        # The client says the same when the proxy is down and when the topic is
+        # missing; a proxy that accepts connections means the topic is missing.
+        return ConfigurationError(
+            f"{what}: {where} has no route for the topic: it does not exist (or is not "
+            "visible with these credentials); create it with mqadmin updateTopic, e.g. "
+            "OUTBOX_RMQ_TOPICS=name:TRANSACTION scripts/rocketmq up"
+        )
+    if "message type not match" in lowered or "messagetype" in lowered.replace(" ", ""):
+        return ConfigurationError(
+            f"{what}: the topic's message type does not allow this send ({text}); "
+            "transactional sends need a TRANSACTION topic, and the outbox fallback needs MIXED"
+        )
+    if name in ("IllegalArgumentException", "BadRequestException", "PayloadTooLargeException",
+                "PayloadEmptyException"):
+        return PublishError(f"{what}: {where} refused the message: {name}: {text}")
+    return BrokerUnavailableError(
+        f"{what}: {where} is not reachable or did not answer ({name}: {text[:300]}); "
+        "check that the proxy runs and listens there"
+    )

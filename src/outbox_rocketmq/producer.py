@@ -1,0 +1,181 @@
+"""Transactional half messages: the seed's flow as an outbox delivery adapter."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from outbox.app import LocalOutbox, Outbox
+from outbox.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    MessageError,
+    TransactionOutcomeUnknown,
+)
+from outbox.message import Message, TransactionState
+from outbox.transaction import LocalWork
+
+from ._client import client_configuration, from_rocketmq, rocketmq, to_rocketmq, wrap_error
+from .config import RocketMQConfig
+
+log = structlog.get_logger("outbox.rocketmq")
+
+
+class RocketMQTransactionalProducer:
+    """Delivery adapter: half message, local transaction, then commit or rollback.
+
+    1. The message (built before the transaction) is sent as a half message.
+    2. The local transaction runs the user's function and writes the transaction-log
+       row keyed by the message id, and commits.
+    3. The half message is committed (or rolled back if the function raised).
+
+    If the process dies between 2 and 3, or the end-transaction call is lost, the
+    broker asks any producer of the topic; the checker answers from the log of the
+    database that registered the topic. ``topics`` lists every topic this producer
+    sends to: the proxy learns a producer's topics only when it starts.
+
+    With ``fallback_to_outbox``, a half send that fails because the broker cannot be
+    reached writes the message as a local outbox row instead (the business call
+    succeeds); a relay with :class:`RocketMQPublisher` delivers it later. That topic
+    must then be of type MIXED, since the relay's send is a normal one.
+    """
+
+    def __init__(
+        self, config: RocketMQConfig, topics: Iterable[str], *, fallback_to_outbox: bool = False
+    ) -> None:
+        self.config = config
+        self.topics = tuple(dict.fromkeys(topics))
+        if not self.topics:
+            raise ConfigurationError("name at least one topic the producer sends to")
+        self.fallback_to_outbox = fallback_to_outbox
+        self._outboxes: dict[str, Outbox] = {}
+        self._producer: Any = None
+        self._lock = threading.Lock()
+
+    # -- topics and check-back ----------------------------------------------------
+
+    def register(self, topic: str, outbox: Outbox) -> None:
+        """Route check-backs for ``topic`` to ``outbox``'s transaction log. Called
+        by ``@transactional_message`` when it decorates a function."""
+        if topic not in self.topics:
+            raise ConfigurationError(
+                f"topic {topic!r} is not among this RocketMQ producer's topics "
+                f"{list(self.topics)}; add it to RocketMQTransactionalProducer(topics=...)"
+            )
+        known = self._outboxes.setdefault(topic, outbox)
+        if known is not outbox:
+            raise ConfigurationError(
+                f"topic {topic!r} is already produced from another database; one topic's "
+                "check-backs must be answered from one transaction log"
+            )
+
+    def check(self, message: Message) -> TransactionState:
+        """Answer a check-back for ``message`` from the right transaction log."""
+        outbox = self._outboxes.get(message.topic)
+        if outbox is None:
+            log.error("check_back_unknown_topic", **message.log_fields())
+            return TransactionState.UNKNOWN
+        return outbox.listener.check(message)
+
+    def _on_check(self, received: Any) -> Any:
+        resolution = rocketmq().TransactionResolution
+        try:
+            message = from_rocketmq(received)
+        except MessageError as exc:
+            # Not one of ours (no outbox id): nothing local can ever commit it.
+            log.error("check_back_foreign_message", topic=received.topic, error=str(exc))
+            return resolution.ROLLBACK
+        try:
+            state = self.check(message)
+        except Exception as exc:  # the database may be down: ask again later
+            log.error("check_back_failed", error=f"{type(exc).__name__}: {exc}",
+                      **message.log_fields())
+            return resolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+        return {
+            TransactionState.COMMIT: resolution.COMMIT,
+            TransactionState.ROLLBACK: resolution.ROLLBACK,
+        }.get(state, resolution.TRANSACTION_RESOLUTION_UNSPECIFIED)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> RocketMQTransactionalProducer:
+        """Connect now, so that check-backs reach this process before its first send."""
+        self._started()
+        return self
+
+    def _started(self) -> Any:
+        with self._lock:
+            if self._producer is not None:
+                return self._producer
+            rmq = rocketmq()
+            adapter = self
+
+            class Checker(rmq.TransactionChecker):  # type: ignore[name-defined,misc]
+                def check(self, message: Any) -> Any:
+                    return adapter._on_check(message)
+
+            producer = rmq.Producer(client_configuration(self.config), self.topics, Checker())
+            try:
+                producer.startup()
+            except Exception as exc:
+                raise wrap_error(exc, self.config, "starting the RocketMQ producer") from None
+            self._producer = producer
+            log.info("rocketmq_producer_started", endpoints=self.config.endpoints,
+                     topics=list(self.topics))
+            return producer
+
+    def close(self) -> None:
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.shutdown()
+            except Exception as exc:  # shutting down anyway
+                log.warning("rocketmq_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # -- the send path ---------------------------------------------------------------
+
+    def send(self, outbox: Outbox, message: Message, work: LocalWork) -> Any:
+        self.register(message.topic, outbox)
+        fields = message.log_fields()
+        try:
+            producer = self._started()
+            transaction = producer.begin_transaction()
+            producer.send(to_rocketmq(message), transaction)
+        except Exception as exc:
+            error = exc if isinstance(exc, ConfigurationError) else wrap_error(
+                exc, self.config, f"sending half message {message.id}")
+            if isinstance(error, BrokerUnavailableError) and self.fallback_to_outbox:
+                log.warning("rocketmq_unreachable_using_outbox", error=str(error), **fields)
+                return LocalOutbox().send(outbox, message, work)
+            raise error from None
+        log.debug("rocketmq_half_message_sent", **fields)
+        state = outbox.listener.execute(message, work)
+        self._end(transaction, state, message)
+        if state is TransactionState.UNKNOWN:
+            raise TransactionOutcomeUnknown(
+                f"the commit of message {message.id}'s local transaction failed midway; "
+                "the broker's check-back will deliver or drop the message to match "
+                "what the database holds"
+            ) from work.exception
+        return work.outcome()
+
+    def _end(self, transaction: Any, state: TransactionState, message: Message) -> None:
+        fields = message.log_fields()
+        if state is TransactionState.UNKNOWN:
+            log.warning("rocketmq_transaction_left_to_check_back", **fields)
+            return
+        try:
+            if state is TransactionState.COMMIT:
+                transaction.commit()
+            else:
+                transaction.rollback()
+        except Exception as exc:
+            # The local outcome is durable; the broker's check-back will match it.
+            log.warning("rocketmq_end_transaction_failed", state=state.value,
+                        error=f"{type(exc).__name__}: {exc}", **fields)
+        else:
+            log.info("rocketmq_transaction_ended", state=state.value, **fields)
