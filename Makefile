@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine with Python 3.11:
 #   make demo   - the bank-transfer demo on SQLite and the embedded SQL transport
-#   make test   - install and start PostgreSQL and MariaDB, then the whole suite
+#   make test   - install and start PostgreSQL, MariaDB and RocketMQ, then the whole suite
 PYTHON ?= python3
+RMQ_ENDPOINTS ?= 127.0.0.1:8081
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -28,8 +29,10 @@ demo-mariadb: $(STAMP) services
 
 services:
 	scripts/services up
+	scripts/rocketmq up
 
 services-down:
+	scripts/rocketmq down
 	scripts/services down
 
 lint: $(STAMP)
@@ -38,7 +41,7 @@ lint: $(STAMP)
 	MYPYPATH=examples $(VENV)/bin/mypy --strict -p bank_transfer
 
 test: $(STAMP) services lint
-	eval "$$(scripts/services env)"; $(PY) -m pytest
+	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) $(PY) -m pytest
 
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache

@@ -169,6 +169,23 @@ def mariadb_url() -> Iterator[URL]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def rocketmq_endpoints() -> str:
+    """The RocketMQ proxy (``scripts/rocketmq up``), from OUTBOX_TEST_ROCKETMQ_ENDPOINTS."""
+    import socket
+
+    endpoints = os.environ.get("OUTBOX_TEST_ROCKETMQ_ENDPOINTS")
+    if not endpoints:
+        unavailable("OUTBOX_TEST_ROCKETMQ_ENDPOINTS is not set; run scripts/rocketmq up")
+    host, _, port = endpoints.split(";")[0].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        unavailable(f"RocketMQ proxy {endpoints} is not reachable ({exc}); "
+                    "run scripts/rocketmq up")
+    return endpoints
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Which database a test runs on: sqlite, postgres or mariadb."""

@@ -1,0 +1,59 @@
+"""A producer process that dies by SIGKILL at a chosen point of the send path.
+
+    python rocketmq_child.py DB_URL ENDPOINTS TOPIC ORDER_NO (after-half-send | after-local-commit)
+
+It prints "KILLING" just before it kills itself, so the parent can time the crash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rocketmq_support import make_service
+
+from outbox_rocketmq import RocketMQConfig, RocketMQTransactionalProducer
+
+
+def die() -> None:
+    print("KILLING", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DiesBeforeEndTransaction(RocketMQTransactionalProducer):
+    def _end(self, transaction: Any, state: Any, message: Any) -> None:
+        die()  # the local transaction committed; the commit of the half message never goes
+
+
+def main() -> None:
+    db_url, endpoints, topic, order_no, point = sys.argv[1:6]
+    config = RocketMQConfig(endpoints)
+    if point == "after-local-commit":
+        adapter: RocketMQTransactionalProducer = DiesBeforeEndTransaction(config, [topic])
+        service = make_service(db_url, adapter, topic)
+        service.place_order(order_no)
+    elif point == "after-half-send":
+        adapter = RocketMQTransactionalProducer(config, [topic])
+        service = make_service(db_url, adapter, topic)
+        # The business function runs after the half message was sent: die inside it,
+        # before the local transaction can commit.
+        original = service.app.listener.execute
+
+        def execute(message: Any, work: Any) -> Any:
+            die()
+            return original(message, work)
+
+        service.app.listener.execute = execute  # type: ignore[method-assign]
+        service.place_order(order_no)
+    else:
+        raise SystemExit(f"unknown crash point {point}")
+    raise SystemExit("the process should have died")
+
+
+if __name__ == "__main__":
+    main()
