@@ -143,3 +143,19 @@ def test_failed_commit_is_unknown_and_settled_by_the_check_back(
     assert listener.check(message) is TransactionState.UNKNOWN
     clock.now += TIMEOUT * 2
     assert listener.check(message) is TransactionState.ROLLBACK
+
+
+def test_a_transaction_past_half_the_timeout_rolls_back_instead_of_committing(
+    engine: Engine, tables: SimpleNamespace, listener: SqlAlchemyTransactionListener,
+    clock: Clock,
+) -> None:
+    """A check-back may already have answered ROLLBACK for it: committing now would
+    leave the business change without its message."""
+    from outbox import TransactionRolledBack
+
+    message = stamped(clock, "slow-1", age=TIMEOUT / 2 + dt.timedelta(seconds=1))
+    work = write_ledger(tables)
+    assert listener.execute(message, work) is TransactionState.ROLLBACK
+    assert isinstance(work.exception, TransactionRolledBack)
+    assert rows(engine, tables.ledger) == 0
+    assert rows(engine, transaction_log) == 0

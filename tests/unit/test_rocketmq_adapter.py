@@ -1,0 +1,145 @@
+"""The RocketMQ adapter's own logic, without a broker: configuration, message
+conversion, error wrapping, and check-back routing."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import sessionmaker
+
+import outbox
+from outbox import ConfigurationError, Message, TransactionState
+from outbox.errors import BrokerUnavailableError, PublishError
+from outbox_rocketmq import RocketMQConfig, RocketMQTransactionalProducer, _client
+
+rocketmq = pytest.importorskip("rocketmq")
+SECRET = "s3cr3t-key-value"
+
+
+def test_config_refuses_bad_endpoints_and_half_credentials() -> None:
+    with pytest.raises(ConfigurationError, match="host:port"):
+        RocketMQConfig("localhost")
+    with pytest.raises(ConfigurationError, match="both"):
+        RocketMQConfig(access_key="ak")
+    with pytest.raises(ConfigurationError, match="positive"):
+        RocketMQConfig(request_timeout=0)
+
+
+def test_the_secret_key_is_not_in_the_config_repr() -> None:
+    config = RocketMQConfig(access_key="ak", secret_key=SECRET)
+    assert SECRET not in repr(config)
+    assert "ak" in repr(config)
+
+
+def test_message_round_trip_keeps_id_key_tag_headers() -> None:
+    message = Message(topic="t", payload=b"\x00\xffbody", id="m-1", key="k", tag="tg",
+                      headers={"a": "1", "empty": ""})
+    rmq = _client.to_rocketmq(message)
+    assert rmq.topic == "t" and rmq.body == b"\x00\xffbody"
+    back = _client.from_rocketmq(rmq)
+    assert back == message
+    delivery = _client.to_delivery(SimpleNamespace(
+        topic="t", body=rmq.body, properties=rmq.properties, keys=rmq.keys, tag=rmq.tag,
+        delivery_attempt=3))
+    assert delivery.to_message() == message
+    assert delivery.attempt == 3
+
+
+def test_a_received_message_without_outbox_id_is_not_a_message() -> None:
+    received = SimpleNamespace(topic="t", body=b"{}", properties={}, keys=set(), tag=None,
+                               delivery_attempt=1)
+    with pytest.raises(outbox.DecodeError, match="no message id"):
+        _client.to_delivery(received).to_message()
+
+
+def _client_error(name: str, text: str) -> Exception:
+    cls = type(name, (Exception,), {})
+    return cls(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected", "words"),
+    [
+        ("UnauthorizedException", "40101, bad signature", ConfigurationError, "credentials"),
+        ("IllegalArgumentException",
+         "current message type not match with queue accept message types", ConfigurationError,
+         "MIXED"),
+        ("NotFoundException", "40402 no topic route", ConfigurationError, "mqadmin"),
+        ("PayloadTooLargeException", "body too large", PublishError, "refused the message"),
+        ("AioRpcError", "failed to connect to all addresses", BrokerUnavailableError,
+         "not reachable"),
+    ],
+)
+def test_client_errors_are_wrapped_with_what_to_do(
+    name: str, text: str, expected: type[Exception], words: str
+) -> None:
+    config = RocketMQConfig("127.0.0.1:8081", access_key="ak", secret_key=SECRET)
+    error = _client.wrap_error(_client_error(name, text), config, "sending")
+    assert type(error) is expected
+    assert words in str(error)
+    assert SECRET not in str(error)
+
+
+def test_route_failure_means_missing_topic_only_when_the_proxy_listens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = RocketMQConfig()
+    exc = Exception("failed to fetch topic:nope route.")
+    monkeypatch.setattr(_client, "proxy_listens", lambda _config: True)
+    assert isinstance(_client.wrap_error(exc, config, "x"), ConfigurationError)
+    monkeypatch.setattr(_client, "proxy_listens", lambda _config: False)
+    assert isinstance(_client.wrap_error(exc, config, "x"), BrokerUnavailableError)
+
+
+class FakeListener:
+    def __init__(self, state: TransactionState) -> None:
+        self.state = state
+        self.checked: list[str] = []
+
+    def check(self, message: Message) -> TransactionState:
+        self.checked.append(message.id)
+        return self.state
+
+
+def _outbox_with(adapter: RocketMQTransactionalProducer, state: TransactionState) -> Any:
+    app = outbox.Outbox(sessionmaker(), delivery=adapter)
+    app.listener = FakeListener(state)  # type: ignore[assignment]
+    return app
+
+
+def test_check_back_goes_to_the_outbox_that_registered_the_topic() -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a", "b"])
+    app_a = _outbox_with(adapter, TransactionState.COMMIT)
+    app_b = _outbox_with(adapter, TransactionState.ROLLBACK)
+    adapter.register("a", app_a)
+    adapter.register("b", app_b)
+    resolution = rocketmq.TransactionResolution
+    for topic, expected in (("a", resolution.COMMIT), ("b", resolution.ROLLBACK)):
+        msg = _client.to_rocketmq(Message(topic=topic, payload=b"{}", id=f"id-{topic}"))
+        assert adapter._on_check(msg) == expected
+    assert app_a.listener.checked == ["id-a"]
+    assert app_b.listener.checked == ["id-b"]
+
+
+def test_unknown_answers_ask_again_and_foreign_messages_are_rolled_back() -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"])
+    adapter.register("a", _outbox_with(adapter, TransactionState.UNKNOWN))
+    resolution = rocketmq.TransactionResolution
+    ours = _client.to_rocketmq(Message(topic="a", payload=b"{}", id="x"))
+    assert adapter._on_check(ours) == resolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+    foreign = rocketmq.Message()
+    foreign.topic, foreign.body = "a", b"{}"
+    assert adapter._on_check(foreign) == resolution.ROLLBACK
+
+
+def test_register_refuses_unknown_topics_and_a_second_database() -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"])
+    first = outbox.Outbox(sessionmaker(), delivery=adapter)
+    adapter.register("a", first)
+    with pytest.raises(ConfigurationError, match="another database"):
+        adapter.register("a", outbox.Outbox(sessionmaker(), delivery=adapter))
+    with pytest.raises(ConfigurationError, match="not among"):
+        adapter.register("zzz", first)
+
