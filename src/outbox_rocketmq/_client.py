@@ -14,6 +14,8 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+import structlog
+
 from outbox.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -56,6 +58,17 @@ def rocketmq() -> Any:
             lg.propagate = propagate
             lg.disabled = disabled
     return module
+
+
+def shutdown_quietly(client: Any) -> None:
+    """Shut a producer or consumer down; a failure only gets logged (we are leaving)."""
+    if client is None:
+        return
+    try:
+        client.shutdown()
+    except Exception as exc:
+        structlog.get_logger("outbox.rocketmq").warning(
+            "rocketmq_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def client_configuration(config: RocketMQConfig) -> Any:

@@ -18,7 +18,14 @@ from outbox.errors import (
 from outbox.message import Message, TransactionState
 from outbox.transaction import LocalWork
 
-from ._client import client_configuration, from_rocketmq, rocketmq, to_rocketmq, wrap_error
+from ._client import (
+    client_configuration,
+    from_rocketmq,
+    rocketmq,
+    shutdown_quietly,
+    to_rocketmq,
+    wrap_error,
+)
 from .config import RocketMQConfig
 
 log = structlog.get_logger("outbox.rocketmq")
@@ -130,11 +137,7 @@ class RocketMQTransactionalProducer:
     def close(self) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
-                producer.shutdown()
-            except Exception as exc:  # shutting down anyway
-                log.warning("rocketmq_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
+        shutdown_quietly(producer)
 
     # -- the send path ---------------------------------------------------------------
 

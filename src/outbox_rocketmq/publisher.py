@@ -11,7 +11,7 @@ import structlog
 from outbox.errors import ConfigurationError
 from outbox.message import Message
 
-from ._client import client_configuration, rocketmq, to_rocketmq, wrap_error
+from ._client import client_configuration, rocketmq, shutdown_quietly, to_rocketmq, wrap_error
 from .config import RocketMQConfig
 
 log = structlog.get_logger("outbox.rocketmq")
@@ -58,8 +58,4 @@ class RocketMQPublisher:
     def close(self) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
-                producer.shutdown()
-            except Exception as exc:
-                log.warning("rocketmq_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
+        shutdown_quietly(producer)

@@ -12,7 +12,7 @@ import structlog
 from outbox.errors import ConfigurationError
 from outbox.transport import Delivery
 
-from ._client import client_configuration, rocketmq, to_delivery, wrap_error
+from ._client import client_configuration, rocketmq, shutdown_quietly, to_delivery, wrap_error
 from .config import RocketMQConfig
 
 log = structlog.get_logger("outbox.rocketmq")
@@ -132,9 +132,5 @@ class RocketMQSubscriber:
         with self._lock:
             consumer, self._consumer = self._consumer, None
             producer, self._dead_producer = self._dead_producer, None
-        for client in (consumer, producer):
-            if client is not None:
-                try:
-                    client.shutdown()
-                except Exception as exc:
-                    log.warning("rocketmq_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
+        shutdown_quietly(consumer)
+        shutdown_quietly(producer)
