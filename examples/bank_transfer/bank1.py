@@ -2,6 +2,12 @@
 
 Run with ``python -m bank_transfer.bank1 --db URL --port N``. A relay process
 (``bank_transfer.relay``) publishes the committed messages.
+
+With ``--transport rocketmq`` the message leaves as a RocketMQ transactional half
+message instead, committed once the local transaction has committed; the broker's
+check-back is answered from the transaction log. If the broker cannot be reached
+the transfer still succeeds: the message falls back to an outbox row, which the
+relay (run with ``--transport rocketmq`` as well) publishes once the broker is back.
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from outbox import Outbox, create_engine
+from outbox import BrokerUnavailableError, DeliveryAdapter, Outbox, create_engine
 from outbox.db import safe_url
+from outbox_rocketmq import RocketMQTransactionalProducer
 
 from . import TOPIC
 from .models import bank1_accounts as accounts
 from .models import transfers
 from .runtime import configure_logging, url_option
+from .transports import ROCKETMQ, add_transport_options, rocketmq_config
 from .validation import BadRequest, TransferRequest, parse_transfer
 
 log = structlog.get_logger("bank_transfer.bank1")
@@ -128,9 +136,12 @@ def _same_as_committed(engine: Engine, req: TransferRequest) -> bool | None:
     return tuple(row) == (req.from_account, req.to_account, req.amount)
 
 
-def create_app(engine: Engine) -> Starlette:
-    """The HTTP API of bank1 on ``engine`` (tables must exist: see ``setup``)."""
-    transfer = make_transfer(Outbox(engine))
+def create_app(engine: Engine, delivery: DeliveryAdapter | None = None) -> Starlette:
+    """The HTTP API of bank1 on ``engine`` (tables must exist: see ``setup``).
+
+    ``delivery`` is how the transfer message leaves: the local outbox by default.
+    """
+    transfer = make_transfer(Outbox(engine, delivery=delivery))
 
     async def post_transfer(request: Request) -> JSONResponse:
         body = await request.body()
@@ -208,13 +219,31 @@ def main(argv: list[str] | None = None) -> None:
     url_option(parser, "--db", "bank1's database URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    add_transport_options(parser, transport_db_help=None)
     args = parser.parse_args(argv)
     configure_logging("bank1")
     engine = create_engine(args.db)
-    log.info("bank1_starting", db=safe_url(args.db), host=args.host, port=args.port)
-    # uvicorn stops gracefully on SIGTERM and SIGINT by itself.
-    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_config=None)
-    engine.dispose()
+    producer: RocketMQTransactionalProducer | None = None
+    if args.transport == ROCKETMQ:
+        producer = RocketMQTransactionalProducer(
+            rocketmq_config(args.rocketmq_endpoints), [TOPIC], fallback_to_outbox=True
+        )
+    app = create_app(engine, delivery=producer)  # decorates: the producer learns the topic
+    if producer is not None:
+        try:
+            producer.start()  # now, so that check-backs can reach this process
+        except BrokerUnavailableError as exc:
+            # Each transfer tries again; until the broker answers they use the outbox.
+            log.warning("rocketmq_unreachable_at_start", error=str(exc))
+    log.info("bank1_starting", db=safe_url(args.db), host=args.host, port=args.port,
+             transport=args.transport)
+    try:
+        # uvicorn stops gracefully on SIGTERM and SIGINT by itself.
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+    finally:
+        if producer is not None:
+            producer.close()
+        engine.dispose()
     log.info("bank1_stopped")
 
 

@@ -1,21 +1,34 @@
 """bank2: credits account 2 once per transfer number, from the transfer messages.
 
-Run with ``python -m bank_transfer.bank2 --db URL --transport-db URL``; it stops
+Run with ``python -m bank_transfer.bank2 --db URL --transport-db URL`` (the SQL
+transport) or ``--transport rocketmq [--rocketmq-endpoints HOST:PORT]``; it stops
 on SIGTERM or SIGINT after the batch in hand.
+
+``--run-id R`` makes it take only transfers numbered ``R-...`` (a demo run's) and
+acknowledge every other message unprocessed; ``--report FILE`` keeps a small JSON
+file up to date with what the consumer did (the demo reads it).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 import structlog
-from sqlalchemy import update
+from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
 from outbox import (
     ConsumerConfig,
+    Delivery,
     IdempotentConsumer,
     ReceivedMessage,
     Reject,
@@ -23,11 +36,14 @@ from outbox import (
     create_engine,
 )
 from outbox.db import safe_url
+from outbox.typing import Subscriber
+from outbox_rocketmq import RocketMQSubscriber
 
-from . import CONSUMER_GROUP, TOPIC
+from . import CONSUMER_GROUP, DEAD_LETTER_TOPIC, TOPIC
 from .models import CENT, credits
 from .models import bank2_accounts as accounts
 from .runtime import configure_logging, stop_on_signals, url_option
+from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
 
 log = structlog.get_logger("bank_transfer.bank2")
 
@@ -71,31 +87,195 @@ def credit(session: Session, message: ReceivedMessage) -> None:
     log.info("credited", transfer_no=message.id, account=to_account, amount=str(amount))
 
 
+# -- one demo run among others on a shared broker -------------------------------------
+
+RUN_ID = re.compile(r"[A-Za-z0-9]{1,20}")
+
+
+def run_transfer_no(run_id: str, number: str) -> str:
+    """The transfer number ``number`` as demo run ``run_id`` sends it."""
+    return f"{run_id}-{number}"
+
+
+class OnlyRun:
+    """A Subscriber passing on only the messages of one demo run.
+
+    A broker keeps its topic between runs, and a new consumer group may be handed
+    the topic's older messages: transfers of earlier (or concurrent) runs, which
+    this run's bank2, with its fresh database, must not credit. They belong to the
+    other runs' consumer groups, which get their own copies, so here they are
+    acknowledged without processing and counted.
+    """
+
+    def __init__(self, subscriber: Subscriber, run_id: str) -> None:
+        self.subscriber = subscriber
+        self.run_id = run_id
+        self.prefix = run_transfer_no(run_id, "")
+        self.fetches = 0
+        self.other_runs = 0
+
+    def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
+        ours: list[Delivery] = []
+        others = 0
+        for delivery in self.subscriber.fetch(max_messages, wait_seconds):
+            if (delivery.message_id or "").startswith(self.prefix):
+                ours.append(delivery)
+            else:
+                self.subscriber.ack(delivery)
+                others += 1
+        self.fetches += 1
+        if others:
+            self.other_runs += others
+            log.info("other_runs_ignored", count=others, run_id=self.run_id)
+        return ours
+
+    def ack(self, delivery: Delivery) -> None:
+        self.subscriber.ack(delivery)
+
+    def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
+        self.subscriber.retry(delivery, delay_seconds, error)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.subscriber.dead_letter(delivery, reason)
+
+
+# -- the report file --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsumerReport:
+    """What bank2's consumer did so far, as written to ``--report``.
+
+    ``ready``: it has received from the transport at least once (so its consumer
+    group exists on the broker and new messages will reach it).
+    """
+
+    ready: bool = False
+    processed: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    other_runs_ignored: int = 0
+    stopped: bool = False
+
+
+def write_report(path: Path, report: ConsumerReport) -> None:
+    """Replace ``path`` atomically: a reader sees the old file or the new one."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(asdict(report), sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(part, path)
+
+
+def read_report(path: Path) -> ConsumerReport | None:
+    """The report in ``path``, or None while there is none (or it is not one)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ConsumerReport(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class Reporter:
+    """Writes ``consumer``'s report every ``interval`` seconds and once at the end."""
+
+    def __init__(self, path: Path, consumer: IdempotentConsumer, filtered: OnlyRun | None,
+                 interval: float = 0.2) -> None:
+        self.path = path
+        self.consumer = consumer
+        self.filtered = filtered
+        self.interval = interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bank2-report", daemon=True)
+
+    def report(self, *, stopped: bool = False) -> ConsumerReport:
+        stats = self.consumer.stats
+        return ConsumerReport(
+            # Without a filter there is nothing to count fetches with: the demo
+            # uses a filter whenever it waits for ``ready``.
+            ready=self.filtered is None or self.filtered.fetches > 0,
+            processed=stats.processed, duplicates=stats.duplicates, retried=stats.retried,
+            dead_lettered=stats.dead_lettered,
+            other_runs_ignored=self.filtered.other_runs if self.filtered else 0,
+            stopped=stopped,
+        )
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                write_report(self.path, self.report())
+            except OSError as exc:
+                log.warning("report_not_written", path=str(self.path), error=str(exc))
+
+    def __enter__(self) -> Reporter:
+        write_report(self.path, self.report())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        write_report(self.path, self.report(stopped=True))
+
+
+# -- the process ------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bank_transfer.bank2", description=__doc__)
     url_option(parser, "--db", "bank2's database URL")
-    url_option(parser, "--transport-db", "the SQL transport's database URL")
+    add_transport_options(parser, transport_db_help="the SQL transport's database URL")
+    parser.add_argument("--group", default=CONSUMER_GROUP,
+                        help=f"the transport's consumer group (default {CONSUMER_GROUP}); the "
+                             f"inbox de-duplicates under {CONSUMER_GROUP} whatever this is")
+    parser.add_argument("--run-id", help="take only transfers numbered RUN_ID-...")
+    parser.add_argument("--report", type=Path, help="keep this JSON file up to date")
     parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds (default 0.05)")
     args = parser.parse_args(argv)
+    check_transport_options(parser, args)
+    if args.run_id is not None and not RUN_ID.fullmatch(args.run_id):
+        parser.error("--run-id must be 1 to 20 letters or digits")
     configure_logging("bank2")
     stop = stop_on_signals()
     bank2 = create_engine(args.db)
-    transport = SqlTransport(create_engine(args.transport_db), poll_interval=args.poll_interval)
+    transport_engine: Engine | None = None
+    subscriber: Subscriber
+    rocketmq: RocketMQSubscriber | None = None
+    if args.transport == ROCKETMQ:
+        rocketmq = subscriber = RocketMQSubscriber(
+            rocketmq_config(args.rocketmq_endpoints), TOPIC, args.group,
+            dead_letter_topic=DEAD_LETTER_TOPIC,
+        )
+        where = f"rocketmq {args.rocketmq_endpoints}"
+    else:
+        transport_engine = create_engine(args.transport_db)
+        transport = SqlTransport(transport_engine, poll_interval=args.poll_interval)
+        subscriber = transport.subscriber(TOPIC, args.group)
+        where = safe_url(args.transport_db)
+    filtered = OnlyRun(subscriber, args.run_id) if args.run_id else None
     consumer = IdempotentConsumer(
-        bank2, transport.subscriber(TOPIC, CONSUMER_GROUP), CONSUMER_GROUP, credit,
-        # A short fetch wait so that a stop request is noticed quickly.
+        bank2, filtered or subscriber, CONSUMER_GROUP, credit,
+        # A short fetch wait so that a stop request is noticed quickly (a RocketMQ
+        # proxy holds an empty receive for its minimum long-polling time anyway).
         config=ConsumerConfig(wait_seconds=0.5),
     )
-    log.info("bank2_started", db=safe_url(args.db), transport=safe_url(args.transport_db),
-             topic=TOPIC, group=CONSUMER_GROUP)
+    log.info("bank2_started", db=safe_url(args.db), transport=where, topic=TOPIC,
+             group=args.group, run_id=args.run_id)
     try:
-        consumer.run(stop)
+        if args.report is not None:
+            with Reporter(args.report, consumer, filtered):
+                consumer.run(stop)
+        else:
+            consumer.run(stop)
     finally:
+        if rocketmq is not None:
+            rocketmq.close()
         bank2.dispose()
-        transport.engine.dispose()
+        if transport_engine is not None:
+            transport_engine.dispose()
     stats = consumer.stats
     log.info("bank2_stopped", processed=stats.processed, duplicates=stats.duplicates,
-             retried=stats.retried, dead_lettered=stats.dead_lettered)
+             retried=stats.retried, dead_lettered=stats.dead_lettered,
+             other_runs_ignored=filtered.other_runs if filtered else 0)
 
 
 if __name__ == "__main__":

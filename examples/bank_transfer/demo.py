@@ -5,32 +5,46 @@ Run ``PYTHONPATH=examples python -m bank_transfer.demo``. It resets the database
 publishes one message a second time, waits until everything has settled, then
 reads both banks and prints one line saying whether money was conserved. The
 services' logs go to files in the run folder, not to this output.
+
+``--transport rocketmq`` runs the same over a RocketMQ 5 broker (``scripts/rocketmq
+up`` starts one): bank1 sends transactional half messages, bank2 consumes with a
+consumer group of this run's own, and only this run's transfers count.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import shutil
 import signal
+import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from types import FrameType
 
 import httpx
-from sqlalchemy import Engine, make_url
+from sqlalchemy import Engine, make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from outbox import OutboxError, SqlTransport, create_engine
+from outbox import JsonCodec, Message, OutboxError, SqlTransport, create_engine
 from outbox.db import safe_url
 from outbox.schema import SENT
 from outbox.storage import read_messages
+from outbox_rocketmq import RocketMQPublisher
 
-from .audit import Books, backlog, balances, find_problems, read_books
+from . import CONSUMER_GROUP, TOPIC
+from .audit import Books, backlog, balances, find_problems, progress, read_books
+from .bank1 import transfer_message
+from .bank2 import ConsumerReport, read_report, run_transfer_no
 from .children import Child, ServiceFailed, free_port, start, stop_all, wait_healthy
+from .models import transfers
 from .setup import setup, setup_transport
+from .transports import DEFAULT_ENDPOINTS, ROCKETMQ, SQL, TRANSPORTS, rocketmq_config
 
 #: (transfer number, amount as sent, should it commit?). Account 1 starts with
 #: 10000.00; TX-0006 and TX-0011 ask for more than is left (TX-0011 by one cent).
@@ -42,6 +56,28 @@ SCRIPT: list[tuple[str, str | int, bool]] = [
 ]
 REPEATED = "TX-0003"  # sent a second time, identically: answered 200, not debited again
 MARKER = ".bank-transfer-demo"
+REPORT_FILE = "bank2-report.json"
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A run over RocketMQ: where the proxy is, and what sets this run apart there.
+
+    The broker keeps the topic's messages from earlier runs (and sees those of runs
+    going on at the same time). So every run numbers its transfers
+    ``<run id>-TX-0001`` and so on, and bank2 consumes with a group of its own,
+    ``bank2-<run id>``, taking only this run's transfers (see ``bank2.OnlyRun``).
+    """
+
+    endpoints: str
+    run_id: str = field(default_factory=lambda: "r" + secrets.token_hex(4))
+
+    @property
+    def group(self) -> str:
+        return f"{CONSUMER_GROUP}-{self.run_id}"
+
+    def transfer_no(self, number: str) -> str:
+        return run_transfer_no(self.run_id, number)
 
 
 @dataclass
@@ -72,9 +108,13 @@ def prepare_workdir(path: Path) -> Path:
     return path
 
 
-def send_transfers(client: httpx.Client, run: Run) -> None:
+def send_transfers(
+    client: httpx.Client, run: Run, number: Callable[[str], str] = str
+) -> None:
+    """The script's transfers, numbered by ``number`` (the run's prefix, if any)."""
     say(f"sending {len(SCRIPT)} transfers from account 1 (bank1) to account 2 (bank2):")
-    for transfer_no, amount, should_commit in SCRIPT:
+    for script_no, amount, should_commit in SCRIPT:
+        transfer_no = number(script_no)
         response = post(client, transfer_no, amount)
         run.attempted += 1
         expected = 201 if should_commit else 409
@@ -84,9 +124,10 @@ def send_transfers(client: httpx.Client, run: Run) -> None:
             run.problems.append(f"{transfer_no}: expected HTTP {expected}, "
                                 f"got {response.status_code} {response.text}")
     amount = next(a for no, a, _ in SCRIPT if no == REPEATED)
-    response = post(client, REPEATED, amount, note="(the same transfer again)")
+    response = post(client, number(REPEATED), amount, note="(the same transfer again)")
     if response.status_code != 200:
-        run.problems.append(f"repeated {REPEATED}: expected HTTP 200, got {response.status_code}")
+        run.problems.append(f"repeated {number(REPEATED)}: expected HTTP 200, "
+                            f"got {response.status_code}")
 
 
 def post(
@@ -121,6 +162,78 @@ def publish_again(bank1: Engine, transport: SqlTransport, timeout: float = 30.0)
     return sent[0].id
 
 
+def publish_again_rocketmq(bank1: Engine, endpoints: str) -> str:
+    """Publish bank1's first committed transfer onto RocketMQ once more, same id.
+
+    With half messages bank1's outbox table stays empty (unless the broker was
+    unreachable), so the message is built again from the ``transfers`` row, exactly
+    as bank1 built it: the id is the transfer number, the body is ``transfer_message``.
+    """
+    with bank1.connect() as conn:
+        row = conn.execute(
+            select(transfers).order_by(transfers.c.created_at, transfers.c.transfer_no).limit(1)
+        ).first()
+    if row is None:
+        raise ServiceFailed("bank1 committed no transfer; see bank1.log")
+    message = Message(
+        id=row.transfer_no, topic=TOPIC, key=row.from_account,
+        payload=JsonCodec().encode(
+            transfer_message(row.transfer_no, row.from_account, row.to_account, row.amount)),
+    )
+    publisher = RocketMQPublisher(rocketmq_config(endpoints), [TOPIC])
+    try:
+        publisher.publish(message)
+    finally:
+        publisher.close()
+    say(f"published message {message.id} onto RocketMQ a second time (same id)")
+    return message.id
+
+
+def wait_consumer_ready(child: Child, report_path: Path, timeout: float = 60.0) -> None:
+    """Wait until bank2 has received from the broker once.
+
+    A consumer group that does not exist yet may start at the end of the topic's
+    queues, so a transfer sent before bank2's first receive could be missed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        child.check_running()
+        report = read_report(report_path)
+        if report is not None and report.ready:
+            return
+        if time.monotonic() >= deadline:
+            raise ServiceFailed(f"{child.name} did not receive from the broker within "
+                                f"{timeout:.0f} s; see {child.log_path}")
+        time.sleep(0.1)
+
+
+def wait_settled_rocketmq(bank1: Engine, bank2: Engine, report_path: Path,
+                          children: list[Child], timeout: float) -> bool:
+    """Wait until bank1's outbox is drained (fallback rows), bank2 has credited every
+    committed transfer, and bank2 has seen the duplicate delivery."""
+    started = time.monotonic()
+    last_report = float("-inf")
+    while True:
+        for child in children:
+            child.check_running()
+        outbox_pending, committed, credited = progress(bank1, bank2)
+        report = read_report(report_path)
+        duplicates = report.duplicates if report is not None else 0
+        elapsed = time.monotonic() - started
+        if outbox_pending == 0 and credited >= committed and duplicates >= 1:
+            say(f"settled after {elapsed:.1f} s")
+            return True
+        if elapsed - last_report >= 1.0:
+            last_report = elapsed
+            say(f"  waiting: {outbox_pending} in bank1's outbox, {credited} of {committed} "
+                f"transfers credited by bank2, duplicate "
+                f"{'seen' if duplicates else 'not yet seen'} ({elapsed:.0f} s)")
+        if elapsed >= timeout:
+            say(f"did not settle within {timeout:.0f} s")
+            return False
+        time.sleep(0.1)
+
+
 def wait_settled(bank1: Engine, transport: SqlTransport, children: list[Child],
                  timeout: float) -> bool:
     """Wait until bank1's outbox is drained and bank2 has settled every message."""
@@ -153,16 +266,29 @@ def print_balances(books: Books, before: tuple[Decimal, Decimal]) -> None:
         say(f"{bank:<6} {account:<8} {holder:<10} {was:>10.2f} {now:>10.2f}")
 
 
+def print_consumer(report: ConsumerReport) -> None:
+    say(f"bank2's consumer: {report.processed} processed, {report.duplicates} duplicate(s) "
+        f"ignored, {report.dead_lettered} dead-lettered; {report.other_runs_ignored} "
+        "message(s) of other runs acknowledged unprocessed")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bank_transfer.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path(".demo"),
                         help="run folder, wiped at start (default: .demo)")
     parser.add_argument("--bank1-db", help="bank1's database URL (default: run folder/bank1.db)")
     parser.add_argument("--bank2-db", help="bank2's database URL (default: run folder/bank2.db)")
+    parser.add_argument("--transport", choices=TRANSPORTS, default=SQL,
+                        help="sql (default): the embedded SQL transport; rocketmq: a broker")
     parser.add_argument("--transport-db", help="SQL transport URL (default: run folder/broker.db)")
+    parser.add_argument("--rocketmq-endpoints", default=DEFAULT_ENDPOINTS,
+                        help=f"the RocketMQ gRPC proxy (default {DEFAULT_ENDPOINTS})")
     parser.add_argument("--port", type=int, default=0, help="bank1's port (default: a free one)")
     parser.add_argument("--settle-timeout", type=float, default=60.0, help="seconds (default 60)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.transport == ROCKETMQ and args.transport_db:
+        parser.error("--transport-db is for --transport sql")
+    return args
 
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -204,23 +330,88 @@ def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout:
             engine.dispose()
 
 
+def check_proxy(endpoints: str) -> None:
+    """Fail with what to do when nothing listens at the (first) proxy endpoint."""
+    host, _, port = endpoints.split(";")[0].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3.0).close()
+    except (OSError, ValueError) as exc:
+        raise ServiceFailed(f"no RocketMQ proxy answers at {endpoints} ({exc}); "
+                            "start one with scripts/rocketmq up") from None
+
+
+def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
+                          settle_timeout: float, run: Run, broker: Broker) -> None:
+    """``run_services`` over RocketMQ: half messages from bank1, this run's consumer
+    group for bank2, and bank2's report file instead of the SQL transport's tables."""
+    bank1, bank2 = create_engine(urls["bank1"]), create_engine(urls["bank2"])
+    report_path = workdir / REPORT_FILE
+    transport_args = ["--transport", ROCKETMQ, "--rocketmq-endpoints", broker.endpoints]
+    children: list[Child] = []
+    try:
+        check_proxy(broker.endpoints)
+        setup(bank1, "bank1", reset=True)
+        setup(bank2, "bank2", reset=True)
+        run.before = balances(bank1, bank2)
+        say(f"setup done: balance(1) = {run.before[0]}, balance(2) = {run.before[1]}")
+        children.append(start("bank1", ["--port", str(port), *transport_args], workdir,
+                              {"--db": urls["bank1"]}))
+        children.append(start("relay", transport_args, workdir, {"--db": urls["bank1"]}))
+        children.append(start("bank2", [
+            *transport_args, "--group", broker.group, "--run-id", broker.run_id,
+            "--report", str(report_path)], workdir, {"--db": urls["bank2"]}))
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(children[0], f"{base}/health")
+        wait_consumer_ready(children[2], report_path)
+        say(f"services started: bank1 on {base}, relay, bank2 (consumer group {broker.group})")
+        with httpx.Client(base_url=base, timeout=30.0) as client:
+            send_transfers(client, run, broker.transfer_no)
+        publish_again_rocketmq(bank1, broker.endpoints)
+        run.settled = wait_settled_rocketmq(bank1, bank2, report_path, children, settle_timeout)
+        report = read_report(report_path)
+        if report is None:
+            raise ServiceFailed(f"bank2 wrote no report to {report_path}")
+        run.books = read_books(bank1, bank2, None, report)
+        print_balances(run.books, run.before)
+        print_consumer(report)
+    finally:
+        for line in stop_all(children):
+            say(line)
+        for engine in (bank1, bank2):
+            engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
     workdir = prepare_workdir(args.workdir)
     urls = {name: getattr(args, f"{name}_db") or f"sqlite:///{workdir / (name + '.db')}"
             for name in ("bank1", "bank2")}
-    urls["transport"] = args.transport_db or f"sqlite:///{workdir / 'broker.db'}"
+    if args.transport == SQL:
+        urls["transport"] = args.transport_db or f"sqlite:///{workdir / 'broker.db'}"
     if make_url(urls["bank1"]) == make_url(urls["bank2"]):
         raise SystemExit("bank1 and bank2 need databases of their own")
     say(f"run folder: {workdir}")
     for name, url in urls.items():
         say(f"{name + ' database:':<20}{safe_url(url)}")
+    broker = Broker(args.rocketmq_endpoints) if args.transport == ROCKETMQ else None
+    if broker is not None:
+        say(f"transport:          RocketMQ at {broker.endpoints}, topic {TOPIC}, "
+            f"consumer group {broker.group}")
+        say(f"run id:             {broker.run_id} (transfer numbers "
+            f"{broker.transfer_no('TX-0001')} ...)")
+        # The RocketMQ client writes its own log to ~/logs/rocketmq_python: keep that
+        # (the demo's and its services') in the run folder too.
+        os.environ["HOME"] = str(workdir)
     say(f"service logs:       {workdir}/bank1.log, relay.log, bank2.log")
     signal.signal(signal.SIGTERM, _interrupt)
     run = Run()
+    port = args.port or free_port()
     try:
-        run_services(urls, workdir, args.port or free_port(), args.settle_timeout, run)
+        if broker is not None:
+            run_services_rocketmq(urls, workdir, port, args.settle_timeout, run, broker)
+        else:
+            run_services(urls, workdir, port, args.settle_timeout, run)
     except ServiceFailed as exc:
         say(f"error: {exc}")
         return 1

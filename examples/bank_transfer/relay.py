@@ -1,7 +1,10 @@
-"""The relay: publishes bank1's committed outbox rows onto the SQL transport.
+"""The relay: publishes bank1's committed outbox rows onto the transport.
 
-Run with ``python -m bank_transfer.relay --db BANK1_URL --transport-db URL``; it
-stops on SIGTERM or SIGINT after the batch in hand.
+Run with ``python -m bank_transfer.relay --db BANK1_URL --transport-db URL`` (the
+SQL transport), or ``--transport rocketmq [--rocketmq-endpoints HOST:PORT]``: then
+bank1 sends half messages itself, and the relay publishes only the rows written
+while the broker could not be reached. It stops on SIGTERM or SIGINT after the
+batch in hand.
 """
 
 from __future__ import annotations
@@ -9,11 +12,16 @@ from __future__ import annotations
 import argparse
 
 import structlog
+from sqlalchemy import Engine
 
 from outbox import Relay, RelayConfig, SqlTransport, create_engine
 from outbox.db import safe_url
+from outbox.typing import Publisher
+from outbox_rocketmq import RocketMQPublisher
 
+from . import TOPIC
 from .runtime import configure_logging, stop_on_signals, url_option
+from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
 
 log = structlog.get_logger("bank_transfer.relay")
 
@@ -21,21 +29,33 @@ log = structlog.get_logger("bank_transfer.relay")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bank_transfer.relay", description=__doc__)
     url_option(parser, "--db", "bank1's database URL (its outbox table)")
-    url_option(parser, "--transport-db", "the SQL transport's database URL")
+    add_transport_options(parser, transport_db_help="the SQL transport's database URL")
     # The nudge after a commit only works inside bank1's process; here we poll.
     parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds (default 0.1)")
     args = parser.parse_args(argv)
+    check_transport_options(parser, args)
     configure_logging("relay")
     stop = stop_on_signals()
     bank1 = create_engine(args.db)
-    transport = SqlTransport(create_engine(args.transport_db))
-    relay = Relay(bank1, transport.publisher(), RelayConfig(poll_interval=args.poll_interval))
-    log.info("relay_started", db=safe_url(args.db), transport=safe_url(args.transport_db))
+    publisher: Publisher
+    transport_engine: Engine | None = None
+    if args.transport == ROCKETMQ:
+        # Connects on the first row to publish: normal sends to the MIXED topic.
+        publisher = RocketMQPublisher(rocketmq_config(args.rocketmq_endpoints), [TOPIC])
+        where = f"rocketmq {args.rocketmq_endpoints}"
+    else:
+        transport_engine = create_engine(args.transport_db)
+        publisher = SqlTransport(transport_engine).publisher()
+        where = safe_url(args.transport_db)
+    relay = Relay(bank1, publisher, RelayConfig(poll_interval=args.poll_interval))
+    log.info("relay_started", db=safe_url(args.db), transport=where)
     try:
         relay.run(stop)
     finally:
+        publisher.close()
         bank1.dispose()
-        transport.engine.dispose()
+        if transport_engine is not None:
+            transport_engine.dispose()
     log.info("relay_stopped")
 
 

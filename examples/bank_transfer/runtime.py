@@ -69,7 +69,9 @@ def url_env_var(option: str) -> str:
     return "BANK_TRANSFER_" + option.lstrip("-").replace("-", "_").upper()
 
 
-def url_option(parser: argparse.ArgumentParser, option: str, help_: str) -> None:
+def url_option(
+    parser: argparse.ArgumentParser, option: str, help_: str, *, required: bool = True
+) -> None:
     """A database URL option that may come from the environment instead.
 
     ``--db`` falls back to ``BANK_TRANSFER_DB`` (and so on): a URL with a password
@@ -77,5 +79,5 @@ def url_option(parser: argparse.ArgumentParser, option: str, help_: str) -> None
     """
     var = url_env_var(option)
     default = os.environ.get(var)
-    parser.add_argument(option, default=default, required=default is None,
+    parser.add_argument(option, default=default, required=required and default is None,
                         help=f"{help_} (or set {var})")

@@ -6,15 +6,11 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-import structlog
-
 from outbox.errors import ConfigurationError
 from outbox.message import Message
 
 from ._client import client_configuration, rocketmq, shutdown_quietly, to_rocketmq, wrap_error
 from .config import RocketMQConfig
-
-log = structlog.get_logger("outbox.rocketmq")
 
 
 class RocketMQPublisher:
