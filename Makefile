@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-postgres demo-mariadb test lint services services-down clean
+.PHONY: demo demo-postgres demo-mariadb demo-rocketmq test lint services services-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo-postgres: $(STAMP) services
 demo-mariadb: $(STAMP) services
 	eval "$$(scripts/services env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
 	  --bank1-db "$${OUTBOX_TEST_MARIADB_URL%/*}/bank1" --bank2-db "$${OUTBOX_TEST_MARIADB_URL%/*}/bank2"
+
+# The same demo over a real RocketMQ 5 broker (Java and Maven needed; the first
+# start fetches its jars): bank1 sends transactional half messages.
+demo-rocketmq: $(STAMP)
+	scripts/rocketmq up
+	PYTHONPATH=examples $(PY) -m bank_transfer.demo --transport rocketmq
 
 services:
 	scripts/services up

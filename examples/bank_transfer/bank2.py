@@ -30,6 +30,7 @@ from outbox import (
     ConsumerConfig,
     Delivery,
     IdempotentConsumer,
+    OutboxError,
     ReceivedMessage,
     Reject,
     SqlTransport,
@@ -120,9 +121,13 @@ class OnlyRun:
         for delivery in self.subscriber.fetch(max_messages, wait_seconds):
             if (delivery.message_id or "").startswith(self.prefix):
                 ours.append(delivery)
-            else:
+                continue
+            others += 1
+            try:
                 self.subscriber.ack(delivery)
-                others += 1
+            except OutboxError as exc:  # it comes back later and is ignored again
+                log.warning("other_run_ack_failed", error=str(exc),
+                            message_id=delivery.message_id)
         self.fetches += 1
         if others:
             self.other_runs += others

@@ -1,7 +1,8 @@
 """The setup step: tables, outbox tables and seed accounts of both banks.
 
 Run ``python -m bank_transfer.setup --bank1-db URL --bank2-db URL --transport-db URL``
-before starting the services by hand; the demo does this itself (with ``--reset``).
+before starting the services by hand (without ``--transport-db`` over RocketMQ);
+the demo does this itself (with ``--reset``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bank_transfer.setup", description=__doc__)
     parser.add_argument("--bank1-db", required=True)
     parser.add_argument("--bank2-db", required=True)
-    parser.add_argument("--transport-db", required=True)
+    parser.add_argument("--transport-db", help="the SQL transport's database (if used)")
     parser.add_argument("--reset", action="store_true", help="drop the tables first")
     args = parser.parse_args(argv)
     banks: list[tuple[BankName, str]] = [("bank1", args.bank1_db), ("bank2", args.bank2_db)]
@@ -58,10 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         setup(engine, bank, reset=args.reset)
         engine.dispose()
         print(f"{bank}: ready at {safe_url(url)}")
-    engine = create_engine(args.transport_db)
-    setup_transport(engine, reset=args.reset)
-    engine.dispose()
-    print(f"transport: ready at {safe_url(args.transport_db)}")
+    if args.transport_db:
+        engine = create_engine(args.transport_db)
+        setup_transport(engine, reset=args.reset)
+        engine.dispose()
+        print(f"transport: ready at {safe_url(args.transport_db)}")
 
 
 if __name__ == "__main__":
