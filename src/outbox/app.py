@@ -10,11 +10,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table
+from sqlalchemy import inspect as inspect_db
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .codec import JsonCodec
-from .db import lock_for_writing
+from .db import lock_for_writing, safe_url
 from .errors import ConfigurationError, MessageError
 from .message import Message
 from .relay import Relay, RelayConfig
@@ -60,10 +62,16 @@ class LocalOutbox:
     """
 
     def send(self, outbox: Outbox, message: Message, work: LocalWork) -> Any:
-        with outbox.session_factory() as session, session.begin():
-            lock_for_writing(session.connection(), outbox_messages)
-            work.run(session)
-            add_message(session, message)
+        try:
+            with outbox.session_factory() as session, session.begin():
+                lock_for_writing(session.connection(), outbox_messages)
+                work.run(session)
+                add_message(session, message)
+        except DBAPIError as exc:
+            error = outbox.explain_failure(exc, outbox_messages)
+            if error is exc:
+                raise
+            raise error from None
         log.debug("outbox_message_committed", **message.log_fields())
         outbox.notify_committed()
         return work.result
@@ -107,6 +115,28 @@ class Outbox:
         if not isinstance(bind, Engine):
             raise ConfigurationError("this Outbox's sessionmaker is not bound to an Engine")
         return bind
+
+    def explain_failure(self, exc: BaseException, *tables: Table) -> BaseException:
+        """A database error as the user should see it: when the cause is a missing
+        outbox table, an error that says how to create it; else ``exc`` itself.
+
+        Looked at only after a failure, so the write path pays nothing for it.
+        """
+        bind = self.session_factory.kw.get("bind")
+        if not isinstance(exc, DBAPIError) or not isinstance(bind, Engine):
+            return exc
+        try:
+            existing = set(inspect_db(bind).get_table_names())
+        except DBAPIError:
+            return exc
+        missing = [t.name for t in tables if t.name not in existing]
+        if not missing:
+            return exc
+        return ConfigurationError(
+            f"table(s) {', '.join(missing)} missing in {safe_url(bind.url)}; create them "
+            "with  outbox migrate --db URL  (or alembic upgrade outbox@head, or "
+            "outbox.metadata.create_all(engine))"
+        )
 
     def subscribe_commits(self, event: threading.Event) -> None:
         """Set ``event`` after every local commit that wrote an outbox row (relay nudge)."""

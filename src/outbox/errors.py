@@ -19,6 +19,11 @@ class MessageError(OutboxError):
     """A message could not be built from the call's arguments."""
 
 
+class DuplicateMessageError(MessageError):
+    """A message with this id was already written: ids name messages, so reusing one
+    would make the consumer drop the second message as a duplicate."""
+
+
 class DecodeError(OutboxError):
     """A received payload is not a valid message; it is dead-lettered with this reason."""
 

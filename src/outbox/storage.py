@@ -12,9 +12,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, delete, exists, func, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import lock_for_writing, supports_skip_locked
+from .errors import DuplicateMessageError
 from .message import Message
 from .schema import DEAD, PENDING, SENT, inbox, outbox_messages, transaction_log, utcnow
 
@@ -38,7 +40,17 @@ def message_row(message: Message, now: dt.datetime) -> dict[str, object]:
 
 def add_message(session: Session | Connection, message: Message) -> None:
     """Insert ``message`` as a pending outbox row: the one extra statement of a write."""
-    session.execute(T.insert().values(message_row(message, utcnow())))
+    try:
+        session.execute(T.insert().values(message_row(message, utcnow())))
+    except IntegrityError:
+        raise duplicate_id(message) from None
+
+
+def duplicate_id(message: Message) -> DuplicateMessageError:
+    return DuplicateMessageError(
+        f"message id {message.id!r} was already used on topic {message.topic!r}; give "
+        "every message its own id (the consumer would drop the second as a duplicate)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

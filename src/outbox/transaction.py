@@ -8,13 +8,14 @@ from typing import Any
 
 import structlog
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import lock_for_writing
 from .errors import TransactionRolledBack
 from .message import Message, TransactionState
 from .schema import transaction_log, utcnow
+from .storage import duplicate_id
 
 log = structlog.get_logger("outbox")
 
@@ -89,10 +90,13 @@ class SqlAlchemyTransactionListener:
                 with transaction:
                     lock_for_writing(session.connection(), transaction_log)
                     work.run(session)
-                    session.execute(transaction_log.insert().values(
-                        transaction_id=message.id, message_id=message.id,
-                        topic=message.topic, created_at=self.clock(),
-                    ))
+                    try:
+                        session.execute(transaction_log.insert().values(
+                            transaction_id=message.id, message_id=message.id,
+                            topic=message.topic, created_at=self.clock(),
+                        ))
+                    except IntegrityError:
+                        raise duplicate_id(message) from None
                     self._refuse_late_commit(message)
                     committing = True
         except Exception as exc:

@@ -16,6 +16,7 @@ from outbox.errors import (
     TransactionOutcomeUnknown,
 )
 from outbox.message import Message, TransactionState
+from outbox.schema import transaction_log
 from outbox.transaction import LocalWork
 
 from ._client import (
@@ -149,7 +150,7 @@ class RocketMQTransactionalProducer:
             transaction = producer.begin_transaction()
             producer.send(to_rocketmq(message), transaction)
         except Exception as exc:
-            error = exc if isinstance(exc, ConfigurationError) else wrap_error(
+            error: BaseException = exc if isinstance(exc, ConfigurationError) else wrap_error(
                 exc, self.config, f"sending half message {message.id}")
             if isinstance(error, BrokerUnavailableError) and self.fallback_to_outbox:
                 log.warning("rocketmq_unreachable_using_outbox", error=str(error), **fields)
@@ -158,6 +159,10 @@ class RocketMQTransactionalProducer:
         log.debug("rocketmq_half_message_sent", **fields)
         state = outbox.listener.execute(message, work)
         self._end(transaction, state, message)
+        if state is TransactionState.ROLLBACK and work.exception is not None:
+            error = outbox.explain_failure(work.exception, transaction_log)
+            if error is not work.exception:
+                raise error from None
         if state is TransactionState.UNKNOWN:
             raise TransactionOutcomeUnknown(
                 f"the commit of message {message.id}'s local transaction failed midway; "

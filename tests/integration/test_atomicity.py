@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from outbox import JsonCodec, Outbox, RelayConfig
+from outbox import DuplicateMessageError, JsonCodec, Outbox, RelayConfig
 from outbox.schema import PENDING, outbox_messages, transaction_log
 
 from .helpers import RecordingPublisher, wait_until
@@ -88,8 +87,9 @@ def test_a_failing_outbox_insert_undoes_the_business_write(
 ) -> None:
     debit = make_debit(Outbox(engine), tables)
     debit(7, "zhang-san", decimal.Decimal("1"))
-    # Same transfer number, same message id: the outbox row's unique key refuses it.
-    with pytest.raises(IntegrityError):
+    # Same transfer number, same message id: the outbox row's unique key refuses it,
+    # and the error says so in the project's own terms.
+    with pytest.raises(DuplicateMessageError, match="already used"):
         debit(7, "zhang-san", decimal.Decimal("2"))
     with engine.connect() as conn:
         amounts = conn.scalars(select(tables.ledger.c.amount)).all()
