@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from . import storage
 from .errors import ConfigurationError
-from .schema import utcnow
+from .schema import NOTIFY_CHANNEL, utcnow
 from .typing import BatchPublisher, Publisher
 
 log = structlog.get_logger("outbox.relay")
@@ -51,6 +51,8 @@ class RelayConfig:
     retention: dt.timedelta = dt.timedelta(days=7)
     purge_batch_size: int = 1000
     purge_interval: float = 60.0
+    #: On PostgreSQL, wake up on the NOTIFY a committed outbox insert sends.
+    listen: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -213,6 +215,9 @@ class Relay:
         server does not end the relay."""
         stop = stop or self._stop
         cfg = self.config
+        if cfg.listen and self.engine.dialect.name == "postgresql":
+            threading.Thread(target=self._listen, args=(stop,), name="outbox-relay-listen",
+                             daemon=True).start()
         while not stop.is_set() and not self._stop.is_set():
             try:
                 result = self.run_once()
@@ -227,6 +232,30 @@ class Relay:
                 continue  # more may be waiting
             self.wakeup.wait(cfg.poll_interval)
             self.wakeup.clear()
+
+    def _listen(self, stop: threading.Event) -> None:
+        """Set the wake-up event on every NOTIFY of a committed outbox insert."""
+        while not stop.is_set() and not self._stop.is_set():
+            try:
+                raw = self.engine.raw_connection()
+            except Exception as exc:
+                log.warning("relay_listen_failed", error=_error_text(exc))
+                stop.wait(1.0)
+                continue
+            try:
+                conn: Any = raw.driver_connection
+                if not hasattr(conn, "notifies"):
+                    return  # not psycopg 3: polling alone it is
+                conn.autocommit = True
+                conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                while not stop.is_set() and not self._stop.is_set():
+                    for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        self.wakeup.set()
+            except Exception as exc:  # a server restart: listen again
+                log.warning("relay_listen_failed", error=_error_text(exc))
+                stop.wait(1.0)
+            finally:
+                raw.invalidate()  # autocommit and LISTEN must not go back to the pool
 
     def start(self) -> Relay:
         """Run in a daemon thread; returns self."""

@@ -11,6 +11,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Column,
     DateTime,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    event,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeEngine
@@ -108,6 +110,32 @@ inbox = Table(
     Index(None, "processed_at"),
     **TABLE_OPTIONS,
 )
+
+
+#: PostgreSQL channel on which a committed outbox insert wakes relays (LISTEN/NOTIFY).
+NOTIFY_CHANNEL = "outbox_messages"
+
+# A statement trigger, so the write path gains no round trip: PostgreSQL sends the
+# notification at commit, once per transaction, and never for a rollback.
+NOTIFY_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+    RETURN NULL;
+END;
+$$ LANGUAGE plpgsql
+"""
+NOTIFY_TRIGGER_SQL = """
+CREATE TRIGGER outbox_messages_notify AFTER INSERT ON outbox_messages
+FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()
+"""
+for _when, _sql in (
+    ("after_create", NOTIFY_FUNCTION_SQL),
+    ("after_create", NOTIFY_TRIGGER_SQL),
+    ("after_drop", "DROP FUNCTION IF EXISTS outbox_notify()"),
+):
+    event.listen(outbox_messages, _when,
+                 DDL(_sql).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]
 
 
 def utcnow() -> dt.datetime:

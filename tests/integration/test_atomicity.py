@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session
 
-from outbox import DuplicateMessageError, JsonCodec, Outbox, RelayConfig
+import outbox
+from outbox import DuplicateMessageError, JsonCodec, Outbox, Relay, RelayConfig
 from outbox.schema import PENDING, outbox_messages, transaction_log
 
 from .helpers import RecordingPublisher, wait_until
@@ -115,8 +116,9 @@ def test_commit_nudges_the_relay_at_once(engine: Engine, tables: SimpleNamespace
     ob = Outbox(engine)
     debit = make_debit(ob, tables)
     publisher = RecordingPublisher()
-    # The poll interval is far longer than the test may wait: only the nudge can do it.
-    relay = ob.relay(publisher, RelayConfig(poll_interval=60, purge_interval=3600))
+    # The poll interval is far longer than the test may wait, and PostgreSQL's NOTIFY
+    # is off: only the in-process nudge can do it.
+    relay = ob.relay(publisher, RelayConfig(poll_interval=60, purge_interval=3600, listen=False))
     batches: list[object] = []
     run_once = relay.run_once
     relay.run_once = lambda: batches.append(run_once()) or batches[-1]  # type: ignore[method-assign]
@@ -131,6 +133,30 @@ def test_commit_nudges_the_relay_at_once(engine: Engine, tables: SimpleNamespace
     finally:
         relay.stop()
     assert outbox_row_status(engine, "tx-5") == "sent"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_commit_elsewhere_wakes_the_relay_through_notify(
+    engine: Engine, db_url: str, tables: SimpleNamespace
+) -> None:
+    """No nudge crosses engines or processes: on PostgreSQL the insert's NOTIFY wakes
+    the relay."""
+    relay_engine, writer_engine = engine, outbox.create_engine(db_url)
+    try:
+        publisher = RecordingPublisher()
+        relay = Relay(relay_engine, publisher, RelayConfig(poll_interval=60, purge_interval=3600))
+        relay.start()
+        try:
+            time.sleep(1.0)  # the first batch is done and the listener is listening
+            started = time.monotonic()
+            make_debit(Outbox(writer_engine), tables)(6, "zhang-san", decimal.Decimal("1"))
+            assert wait_until(lambda: publisher.ids() == ["tx-6"], timeout=10)
+            assert time.monotonic() - started < 5  # far below the 60 s poll
+        finally:
+            relay.stop()
+    finally:
+        writer_engine.dispose()
 
 
 def outbox_row_status(engine: Engine, message_id: str) -> str:
