@@ -31,11 +31,13 @@ from starlette.routing import Route
 
 from outbox import BrokerUnavailableError, DeliveryAdapter, Outbox, create_engine
 from outbox.db import safe_url
+from outbox.transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT
 from outbox_rocketmq import RocketMQTransactionalProducer
 
 from . import TOPIC
 from .models import bank1_accounts as accounts
 from .models import transfers
+from .chaos import faults
 from .runtime import configure_logging, url_option
 from .transports import ROCKETMQ, add_transport_options, rocketmq_config
 from .validation import BadRequest, TransferRequest, parse_transfer
@@ -136,12 +138,16 @@ def _same_as_committed(engine: Engine, req: TransferRequest) -> bool | None:
     return tuple(row) == (req.from_account, req.to_account, req.amount)
 
 
-def create_app(engine: Engine, delivery: DeliveryAdapter | None = None) -> Starlette:
+def create_app(
+    engine: Engine, delivery: DeliveryAdapter | None = None, *,
+    local_transaction_timeout: dt.timedelta = DEFAULT_LOCAL_TRANSACTION_TIMEOUT,
+) -> Starlette:
     """The HTTP API of bank1 on ``engine`` (tables must exist: see ``setup``).
 
     ``delivery`` is how the transfer message leaves: the local outbox by default.
     """
-    transfer = make_transfer(Outbox(engine, delivery=delivery))
+    transfer = make_transfer(Outbox(engine, delivery=delivery,
+                                    local_transaction_timeout=local_transaction_timeout))
 
     async def post_transfer(request: Request) -> JSONResponse:
         body = await request.body()
@@ -220,15 +226,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     add_transport_options(parser, transport_db_help=None)
+    parser.add_argument("--outbox-only", action="store_true",
+                        help="with --transport rocketmq: no half messages, every message is "
+                             "an outbox row that the relay publishes")
+    parser.add_argument("--local-transaction-timeout", type=float,
+                        default=DEFAULT_LOCAL_TRANSACTION_TIMEOUT.total_seconds(),
+                        help="seconds after which a check-back finding no transaction-log row "
+                             "answers ROLLBACK (default %(default)s)")
     args = parser.parse_args(argv)
     configure_logging("bank1")
+    faults.install_commit_hooks()  # chaos runs only: see bank_transfer.chaos.faults
     engine = create_engine(args.db)
     producer: RocketMQTransactionalProducer | None = None
-    if args.transport == ROCKETMQ:
-        producer = RocketMQTransactionalProducer(
+    if args.transport == ROCKETMQ and not args.outbox_only:
+        producer = faults.producer_class()(
             rocketmq_config(args.rocketmq_endpoints), [TOPIC], fallback_to_outbox=True
         )
-    app = create_app(engine, delivery=producer)  # decorates: the producer learns the topic
+    # Decorating makes the producer learn the topic.
+    app = create_app(engine, delivery=producer, local_transaction_timeout=dt.timedelta(
+        seconds=args.local_transaction_timeout))
     if producer is not None:
         try:
             producer.start()  # now, so that check-backs can reach this process

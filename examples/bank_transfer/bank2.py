@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import structlog
+import tenacity
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
@@ -41,6 +42,7 @@ from outbox.typing import Subscriber
 from outbox_rocketmq import RocketMQSubscriber
 
 from . import CONSUMER_GROUP, DEAD_LETTER_TOPIC, TOPIC
+from .chaos import faults
 from .models import CENT, credits
 from .models import bank2_accounts as accounts
 from .runtime import configure_logging, stop_on_signals, url_option
@@ -119,7 +121,9 @@ class OnlyRun:
         ours: list[Delivery] = []
         others = 0
         for delivery in self.subscriber.fetch(max_messages, wait_seconds):
-            if (delivery.message_id or "").startswith(self.prefix):
+            # A message without an id is no run's: every group that gets one passes
+            # it on, and the consumer dead-letters it (it cannot be de-duplicated).
+            if not delivery.message_id or delivery.message_id.startswith(self.prefix):
                 ours.append(delivery)
                 continue
             others += 1
@@ -235,6 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-id", help="take only transfers numbered RUN_ID-...")
     parser.add_argument("--report", type=Path, help="keep this JSON file up to date")
     parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds (default 0.05)")
+    parser.add_argument("--max-attempts", type=int, default=ConsumerConfig.max_attempts,
+                        help="deliveries of a failing message before it is dead-lettered "
+                             "(default %(default)s)")
+    parser.add_argument("--max-backoff", type=float, default=300.0,
+                        help="longest wait before a failed message is redelivered, seconds")
+    parser.add_argument("--redelivery-seconds", type=int, default=30,
+                        help="an unacknowledged delivery comes back after this long "
+                             "(default 30; RocketMQ's minimum is 10)")
     args = parser.parse_args(argv)
     check_transport_options(parser, args)
     if args.run_id is not None and not RUN_ID.fullmatch(args.run_id):
@@ -248,20 +260,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.transport == ROCKETMQ:
         rocketmq = subscriber = RocketMQSubscriber(
             rocketmq_config(args.rocketmq_endpoints), TOPIC, args.group,
-            dead_letter_topic=DEAD_LETTER_TOPIC,
+            dead_letter_topic=DEAD_LETTER_TOPIC, invisible_seconds=args.redelivery_seconds,
         )
         where = f"rocketmq {args.rocketmq_endpoints}"
     else:
         transport_engine = create_engine(args.transport_db)
         transport = SqlTransport(transport_engine, poll_interval=args.poll_interval)
-        subscriber = transport.subscriber(TOPIC, args.group)
+        subscriber = transport.subscriber(TOPIC, args.group,
+                                          visibility_timeout=args.redelivery_seconds)
         where = safe_url(args.transport_db)
+    # Chaos runs only (see bank_transfer.chaos.faults): may die before acknowledging.
+    subscriber = faults.wrap_subscriber(subscriber)
     filtered = OnlyRun(subscriber, args.run_id) if args.run_id else None
+    backoff = tenacity.wait_exponential(multiplier=1, min=min(1.0, args.max_backoff),
+                                        max=args.max_backoff) + tenacity.wait_random(0, 0.5)
     consumer = IdempotentConsumer(
-        bank2, filtered or subscriber, CONSUMER_GROUP, credit,
+        bank2, filtered or subscriber, CONSUMER_GROUP, faults.wrap_handler(credit),
         # A short fetch wait so that a stop request is noticed quickly (a RocketMQ
         # proxy holds an empty receive for its minimum long-polling time anyway).
-        config=ConsumerConfig(wait_seconds=0.5),
+        config=ConsumerConfig(wait_seconds=0.5, max_attempts=args.max_attempts,
+                              backoff=backoff),
     )
     log.info("bank2_started", db=safe_url(args.db), transport=where, topic=TOPIC,
              group=args.group, run_id=args.run_id)

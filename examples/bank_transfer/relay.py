@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import structlog
+import tenacity
 from sqlalchemy import Engine
 
 from outbox import Relay, RelayConfig, SqlTransport, create_engine
@@ -20,6 +21,7 @@ from outbox.typing import Publisher
 from outbox_rocketmq import RocketMQPublisher
 
 from . import TOPIC
+from .chaos import faults
 from .runtime import configure_logging, stop_on_signals, url_option
 from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
 
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     add_transport_options(parser, transport_db_help="the SQL transport's database URL")
     # The nudge after a commit only works inside bank1's process; here we poll.
     parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds (default 0.1)")
+    parser.add_argument("--max-attempts", type=int, default=RelayConfig.max_attempts,
+                        help="failed publishes before a row is parked dead (default %(default)s)")
+    parser.add_argument("--max-backoff", type=float, default=300.0,
+                        help="longest wait between publish attempts, seconds (default 300)")
     args = parser.parse_args(argv)
     check_transport_options(parser, args)
     configure_logging("relay")
@@ -47,7 +53,12 @@ def main(argv: list[str] | None = None) -> None:
         transport_engine = create_engine(args.transport_db)
         publisher = SqlTransport(transport_engine).publisher()
         where = safe_url(args.transport_db)
-    relay = Relay(bank1, publisher, RelayConfig(poll_interval=args.poll_interval))
+    # Chaos runs only (see bank_transfer.chaos.faults): may die in the middle of a batch.
+    publisher = faults.wrap_publisher(publisher)
+    backoff = tenacity.wait_exponential(multiplier=1, min=min(1.0, args.max_backoff),
+                                        max=args.max_backoff) + tenacity.wait_random(0, 0.5)
+    relay = Relay(bank1, publisher, RelayConfig(
+        poll_interval=args.poll_interval, max_attempts=args.max_attempts, backoff=backoff))
     log.info("relay_started", db=safe_url(args.db), transport=where)
     try:
         relay.run(stop)
