@@ -10,6 +10,8 @@ from typing import Any
 import structlog
 import tenacity
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .codec import JsonCodec
@@ -49,9 +51,16 @@ Handler = Callable[[Session, ReceivedMessage], None]
 
 @dataclass(frozen=True)
 class ConsumerConfig:
-    """``max_attempts`` deliveries, with ``backoff`` between them, then dead-letter."""
+    """``max_attempts`` deliveries, with ``backoff`` between them, then dead-letter.
+
+    A database that cannot be reached (or a deadlock, a lock timeout) is not the
+    message's fault: such failures are retried without being held against it, up to
+    ``max_deliveries`` deliveries in all (default: ten times ``max_attempts``), which
+    also stops a message that keeps crashing its consumer before any answer.
+    """
 
     max_attempts: int = 5
+    max_deliveries: int | None = None
     backoff: Callable[[tenacity.RetryCallState], float] = field(default_factory=exponential_backoff)
     batch_size: int = 32
     wait_seconds: float = 1.0
@@ -61,6 +70,12 @@ class ConsumerConfig:
             raise ConfigurationError("ConsumerConfig.max_attempts must be at least 1")
         if self.batch_size < 1:
             raise ConfigurationError("ConsumerConfig.batch_size must be at least 1")
+        if self.max_deliveries is not None and self.max_deliveries < self.max_attempts:
+            raise ConfigurationError("ConsumerConfig.max_deliveries must be >= max_attempts")
+
+    @property
+    def delivery_limit(self) -> int:
+        return self.max_deliveries if self.max_deliveries is not None else 10 * self.max_attempts
 
 
 @dataclass
@@ -75,6 +90,13 @@ class ConsumerStats:
         self.duplicates += other.duplicates
         self.retried += other.retried
         self.dead_lettered += other.dead_lettered
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure of the database rather than of the message: retry, do not count."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -124,7 +146,7 @@ class IdempotentConsumer:
             body = self.codec.decode(message.payload)
         except DecodeError as exc:
             return self._dead(delivery, f"undecodable message: {exc}", fields)
-        if delivery.attempt > self.config.max_attempts:
+        if delivery.attempt > self.config.delivery_limit:
             return self._dead(
                 delivery,
                 f"gave up after {delivery.attempt - 1} deliveries without acknowledgement",
@@ -153,12 +175,15 @@ class IdempotentConsumer:
             return self._dead(delivery, f"rejected by handler: {exc}", fields)
         except Exception as exc:
             reason = _reason(exc)
-            if delivery.attempt >= self.config.max_attempts:
+            transient = _transient(exc)
+            if delivery.attempt >= (self.config.delivery_limit if transient
+                                    else self.config.max_attempts):
                 return self._dead(delivery, f"handler failed {delivery.attempt} times: {reason}",
                                   fields)
             delay = delay_for(self.config.backoff, delivery.attempt)
             self.subscriber.retry(delivery, delay, reason)
-            log.warning("consumer_handler_failed", error=reason, retry_in=round(delay, 3), **fields)
+            event = "consumer_database_unavailable" if transient else "consumer_handler_failed"
+            log.warning(event, error=reason, retry_in=round(delay, 3), **fields)
             return "retried"
         self.subscriber.ack(delivery)
         if inserted == 1:

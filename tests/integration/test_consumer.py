@@ -297,13 +297,36 @@ def test_delivery_past_max_attempts_without_ack_is_dead_lettered(
         [d] = crashing.fetch(1, 2.0)  # taken, then "crash": the visibility timeout expires
     handler = Recorder(tables)
     consumer = IdempotentConsumer(engine, crashing, GROUP, handler,
-                                  config=ConsumerConfig(max_attempts=3))
+                                  config=ConsumerConfig(max_attempts=3, max_deliveries=3))
     time.sleep(0.1)
     assert consumer.run_once(wait_seconds=1).dead_lettered == 1
     assert handler.calls == []
     [dead] = transport.dead_letters(GROUP)
     assert dead.reason == "gave up after 3 deliveries without acknowledgement"
     assert d.attempt == 3
+
+
+def test_an_unreachable_database_is_retried_past_max_attempts_not_dead_lettered(
+    engine: Engine, tables: SimpleNamespace, transport: SqlTransport, subscriber: SpySubscriber,
+) -> None:
+    """A database outage is not the message's fault: no dead letter, no lost credit."""
+    from sqlalchemy.exc import OperationalError
+
+    calls: list[int] = []
+
+    def handler(session: Any, message: Any) -> None:
+        calls.append(message.attempt)
+        if len(calls) <= 5:
+            raise OperationalError("UPDATE accounts", {}, ConnectionError("server restarting"))
+        session.execute(tables.applied.insert().values(message_id=message.id, body="{}"))
+
+    consumer = IdempotentConsumer(engine, subscriber, GROUP, handler, config=ConsumerConfig(
+        max_attempts=2, backoff=tenacity.wait_fixed(0)))
+    publish(transport, "tx-1", {"n": 1})
+    consume_until_settled(consumer, transport)
+    assert calls == [1, 2, 3, 4, 5, 6]
+    assert transport.dead_letters(GROUP) == []
+    assert applied(engine, tables) == ["tx-1"]
 
 
 def test_inbox_row_commits_with_the_business_change(
