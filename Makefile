@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-postgres demo-mariadb demo-rocketmq test lint services services-down clean
+.PHONY: demo demo-postgres demo-mariadb demo-rocketmq chaos test lint services services-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ demo-rocketmq: $(STAMP)
 	scripts/rocketmq up
 	PYTHONPATH=examples $(PY) -m bank_transfer.demo --transport rocketmq
 
+# The services under faults (kills, outages, hostile messages) on every database and
+# adapter; ends with a CHAOS line, non-zero when anything was lost or duplicated.
+# More: make chaos CHAOS_ARGS="--matrix full --transfers 200 --seed 42"
+CHAOS_ARGS ?=
+chaos: $(STAMP) services
+	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) \
+	  PYTHONPATH=examples $(PY) -m bank_transfer.chaos $(CHAOS_ARGS)
+
 services:
 	scripts/services up
 	scripts/rocketmq up
@@ -50,4 +58,4 @@ test: $(STAMP) services lint
 	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) $(PY) -m pytest
 
 clean:
-	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .demo .chaos .pytest_cache .mypy_cache .ruff_cache

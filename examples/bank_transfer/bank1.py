@@ -35,9 +35,9 @@ from outbox.transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT
 from outbox_rocketmq import RocketMQTransactionalProducer
 
 from . import TOPIC
+from .chaos import faults
 from .models import bank1_accounts as accounts
 from .models import transfers
-from .chaos import faults
 from .runtime import configure_logging, url_option
 from .transports import ROCKETMQ, add_transport_options, rocketmq_config
 from .validation import BadRequest, TransferRequest, parse_transfer

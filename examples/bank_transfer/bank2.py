@@ -17,10 +17,11 @@ import json
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import structlog
 import tenacity
@@ -43,24 +44,36 @@ from outbox_rocketmq import RocketMQSubscriber
 
 from . import CONSUMER_GROUP, DEAD_LETTER_TOPIC, TOPIC
 from .chaos import faults
-from .models import CENT, credits
 from .models import bank2_accounts as accounts
+from .models import credits
 from .runtime import configure_logging, stop_on_signals, url_option
 from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
+from .validation import BadRequest, parse_account, parse_amount, parse_transfer_no
 
 log = structlog.get_logger("bank_transfer.bank2")
 
 
 def _amount(value: object) -> Decimal:
+    """The amount as bank1 sends it: a decimal string within bank1's own limits.
+
+    The same rules as a transfer request (``validation.parse_amount``): a message
+    that bank1 could never have sent (an exponent, 30 digits, NaN) is refused here
+    rather than left to fail in Decimal arithmetic or in a NUMERIC(18, 2) column,
+    where the error would look retryable and only dead-letter after every retry.
+    """
     if not isinstance(value, str):
         raise Reject(f"amount must be a decimal string, got {type(value).__name__}")
     try:
-        amount = Decimal(value)
-    except InvalidOperation:
-        raise Reject(f"amount {value!r} is not a number") from None
-    if not amount.is_finite() or amount <= 0 or amount != amount.quantize(CENT):
-        raise Reject(f"amount {value!r} is not a positive amount in cents")
-    return amount
+        return parse_amount(value)
+    except BadRequest as exc:
+        raise Reject(f"{exc} (got {value[:40]!r})") from None
+
+
+def _checked(parse: Callable[[Any], str], value: object) -> str:
+    try:
+        return parse(value)
+    except BadRequest as exc:
+        raise Reject(str(exc)) from None
 
 
 def credit(session: Session, message: ReceivedMessage) -> None:
@@ -71,10 +84,14 @@ def credit(session: Session, message: ReceivedMessage) -> None:
         raise Reject("message body must be a JSON object")
     if body.get("transfer_no") != message.id:
         raise Reject("transfer_no in the body differs from the message id")
+    # Only what bank1 itself accepts (validation.py): quotes, NUL characters or
+    # non-numeric accounts are refused before they reach a query.
+    _checked(parse_transfer_no, message.id)
     amount = _amount(body.get("amount"))
     to_account = body.get("to_account")
     if not isinstance(to_account, str):
         raise Reject("to_account must be a string")
+    _checked(lambda v: parse_account("to_account", v), to_account)
     conn = session.connection()
     credited = conn.execute(
         update(accounts).where(accounts.c.account_no == to_account)
@@ -121,9 +138,7 @@ class OnlyRun:
         ours: list[Delivery] = []
         others = 0
         for delivery in self.subscriber.fetch(max_messages, wait_seconds):
-            # A message without an id is no run's: every group that gets one passes
-            # it on, and the consumer dead-letters it (it cannot be de-duplicated).
-            if not delivery.message_id or delivery.message_id.startswith(self.prefix):
+            if (delivery.message_id or "").startswith(self.prefix):
                 ours.append(delivery)
                 continue
             others += 1

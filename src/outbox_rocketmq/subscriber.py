@@ -19,6 +19,9 @@ log = structlog.get_logger("outbox.rocketmq")
 
 #: The proxy refuses invisible durations below this many seconds on receive.
 MIN_INVISIBLE_SECONDS = 10
+#: How long after startup "no settings" from the proxy means "not yet" rather than
+#: "the proxy forgot this client" (it restarted).
+SETTINGS_GRACE_SECONDS = 10.0
 DEAD_REASON_PROPERTY = "OUTBOX_DEAD_REASON"
 
 
@@ -55,6 +58,7 @@ class RocketMQSubscriber:
         self.dead_letter_topic = dead_letter_topic
         self.invisible_seconds = invisible_seconds
         self._consumer: Any = None
+        self._consumer_started = 0.0
         self._dead_producer: Any = None
         self._lock = threading.Lock()
 
@@ -71,7 +75,23 @@ class RocketMQSubscriber:
                 except Exception as exc:
                     raise wrap_error(exc, self.config, f"subscribing to {self.topic}") from None
                 self._consumer = consumer
+                self._consumer_started = time.monotonic()
             return self._consumer
+
+    def _restart(self, consumer: Any) -> None:
+        """Drop ``consumer`` so that the next fetch starts a new one.
+
+        A client started before the proxy restarted never recovers: its receives
+        fail, or the new proxy, which never got the client's settings, answers
+        "settings null" for ever. Acknowledgements of messages received earlier
+        still work through the new client (a receipt belongs to the group).
+        """
+        with self._lock:
+            if self._consumer is not consumer:
+                return  # another thread did it already
+            self._consumer = None
+        log.warning("rocketmq_consumer_restarting", topic=self.topic, group=self.group)
+        shutdown_quietly(consumer)
 
     def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
         consumer = self._started()
@@ -80,11 +100,15 @@ class RocketMQSubscriber:
         try:
             received = consumer.receive(max(1, min(max_messages, 32)), self.invisible_seconds)
         except Exception as exc:
-            if "settings" in str(exc) and "null" in str(exc):
+            young = time.monotonic() - self._consumer_started < SETTINGS_GRACE_SECONDS
+            if "settings" in str(exc) and "null" in str(exc) and young:
                 # Right after startup the proxy has not got the consumer's settings yet.
                 time.sleep(min(wait_seconds, 0.2))
                 return []
-            raise wrap_error(exc, self.config, f"receiving from {self.topic}") from None
+            error = wrap_error(exc, self.config, f"receiving from {self.topic}")
+            if not isinstance(error, ConfigurationError):
+                self._restart(consumer)
+            raise error from None
         return [to_delivery(m) for m in received or ()]
 
     def ack(self, delivery: Delivery) -> None:

@@ -143,3 +143,70 @@ def test_register_refuses_unknown_topics_and_a_second_database() -> None:
     with pytest.raises(ConfigurationError, match="not among"):
         adapter.register("zzz", first)
 
+
+
+class _FakeConsumer:
+    """A SimpleConsumer whose receive raises what ``errors`` says, in turn."""
+
+    started: list[_FakeConsumer] = []
+    errors: list[Exception | None] = []
+
+    def __init__(self, *_args: Any) -> None:
+        self.stopped = False
+        self.await_duration = 1
+
+    def startup(self) -> None:
+        _FakeConsumer.started.append(self)
+
+    def shutdown(self) -> None:
+        self.stopped = True
+
+    def receive(self, _count: int, _invisible: int) -> list[Any]:
+        error = _FakeConsumer.errors.pop(0) if _FakeConsumer.errors else None
+        if error is not None:
+            raise error
+        return []
+
+
+def _fake_subscriber(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from outbox_rocketmq import RocketMQSubscriber, subscriber
+
+    fake = SimpleNamespace(SimpleConsumer=_FakeConsumer, FilterExpression=lambda: None)
+    monkeypatch.setattr(subscriber, "rocketmq", lambda: fake)
+    monkeypatch.setattr(subscriber, "client_configuration", lambda _config: None)
+    _FakeConsumer.started, _FakeConsumer.errors = [], []
+    return RocketMQSubscriber(RocketMQConfig(), "t", "g", dead_letter_topic="dlq")
+
+
+def test_a_consumer_that_lost_the_proxy_is_replaced_on_the_next_fetch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression: after a proxy restart the old client failed (or received nothing)
+    # for ever; bank2 stopped consuming until it was restarted itself.
+    sub = _fake_subscriber(monkeypatch)
+    _FakeConsumer.errors = [_client_error("AioRpcError", "failed to connect to all addresses")]
+    with pytest.raises(BrokerUnavailableError):
+        sub.fetch(1, 0)
+    first = _FakeConsumer.started[0]
+    assert first.stopped
+    assert sub.fetch(1, 0) == []
+    assert len(_FakeConsumer.started) == 2 and not _FakeConsumer.started[1].stopped
+
+
+def test_settings_null_is_patience_after_startup_and_a_restart_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from outbox_rocketmq import subscriber
+
+    sub = _fake_subscriber(monkeypatch)
+    null = _client_error("Exception", "receive failed: settings is null")
+    _FakeConsumer.errors = [null]
+    assert sub.fetch(1, 0) == []  # a young client: the proxy has not got its settings yet
+    assert len(_FakeConsumer.started) == 1 and not _FakeConsumer.started[0].stopped
+    monkeypatch.setattr(subscriber, "SETTINGS_GRACE_SECONDS", -1.0)
+    _FakeConsumer.errors = [null]  # an old client: the proxy forgot it (it restarted)
+    with pytest.raises(BrokerUnavailableError):
+        sub.fetch(1, 0)
+    assert _FakeConsumer.started[0].stopped
+    sub.fetch(1, 0)
+    assert len(_FakeConsumer.started) == 2

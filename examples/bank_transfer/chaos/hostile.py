@@ -1,0 +1,176 @@
+"""Malformed and hostile messages, put straight onto the topic, and where they end.
+
+Each must end dead-lettered with a reason that names what is wrong (the keyword
+below), and change no balance. On the SQL transport they are rows put with
+``SqlTransport.put_raw``; on RocketMQ, sends of a raw client producer. Every one
+carries its case in property ``CHAOS_CASE`` (copied onto a RocketMQ dead letter),
+and, where it has one, an id starting with the scenario's prefix so that bank2's
+run filter passes it on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import DataError, IntegrityError
+
+from outbox import SqlTransport
+from outbox.codec import DEFAULT_MAX_PAYLOAD_BYTES
+from outbox_rocketmq import RocketMQConfig, RocketMQSubscriber
+from outbox_rocketmq._client import MESSAGE_ID_PROPERTY, client_configuration, rocketmq
+
+from .. import DEAD_LETTER_TOPIC, TOPIC
+
+CASE_PROPERTY = "CHAOS_CASE"
+REASON_PROPERTY = "OUTBOX_DEAD_REASON"
+GROUP_PROPERTY = "OUTBOX_DEAD_GROUP"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    message_id: str | None
+    payload: bytes
+    reason: str  # a word the dead letter's reason must contain (lower case)
+
+
+def _body(transfer_no: str, amount: Any = "1.00", to_account: Any = "2", **extra: Any) -> bytes:
+    body = {"transfer_no": transfer_no, "to_account": to_account, "amount": amount, **extra}
+    return json.dumps(body).encode()
+
+
+def cases(prefix: str) -> list[Case]:
+    """The hostile messages of one scenario; ids are ``<prefix>-X<case>``."""
+    def mid(tag: str) -> str:
+        return f"{prefix}-X{tag}"
+
+    sql_id = mid("q'; DELETE FROM credits; --")
+    out = [
+        Case("missing-id", None, _body(mid("none")), "no message id"),
+        Case("empty-payload", mid("empty"), b"", "empty"),
+        Case("not-json", mid("notjson"), b"{transfer_no: nope", "json"),
+        Case("invalid-utf8", mid("utf8"), b'{"transfer_no": "\xff\xfe\xfd"}', "utf-8"),
+        Case("oversized", mid("big"),
+             _body(mid("big"), pad="x" * (DEFAULT_MAX_PAYLOAD_BYTES + 16)), "limit"),
+        Case("json-array", mid("array"), b"[1, 2, 3]", "json object"),
+        Case("json-string", mid("string"), b'"pay me"', "json object"),
+        Case("deep-json", mid("deep"), b"[" * 100_000 + b"]" * 100_000, "json"),
+        Case("id-mismatch", mid("mismatch"), _body(mid("other")), "differs"),
+        Case("id-too-long", mid("long" + "9" * 80), _body(mid("long" + "9" * 80)), "limit"),
+        Case("amount-missing", mid("noamount"), _body(mid("noamount"), amount=None), "amount"),
+        Case("amount-negative", mid("neg"), _body(mid("neg"), amount="-5.00"), "amount"),
+        Case("amount-zero", mid("zero"), _body(mid("zero"), amount="0.00"), "amount"),
+        Case("amount-text", mid("text"), _body(mid("text"), amount="abc"), "amount"),
+        Case("amount-nan", mid("nan"), _body(mid("nan"), amount="NaN"), "amount"),
+        Case("amount-decimals", mid("dec"), _body(mid("dec"), amount="1.001"), "amount"),
+        Case("amount-float", mid("float"), _body(mid("float"), amount=1.5), "amount"),
+        Case("amount-exponent", mid("exp"), _body(mid("exp"), amount="1e400"), "amount"),
+        Case("amount-huge", mid("huge"),
+             _body(mid("huge"), amount="99999999999999999999999999.99"), "amount"),
+        Case("account-unknown", mid("acct"), _body(mid("acct"), to_account="999"), "account"),
+        Case("account-number", mid("acctint"), _body(mid("acctint"), to_account=2), "account"),
+        Case("account-sql", mid("acctsql"),
+             _body(mid("acctsql"), to_account="2' OR '1'='1"), "account"),
+        Case("account-nul", mid("acctnul"), _body(mid("acctnul"), to_account="2\u0000"),
+             "account"),
+        Case("transfer-no-sql", sql_id, _body(sql_id), "transfer_no"),
+    ]
+    return out
+
+
+def put_sql(transport: SqlTransport, items: list[Case], prefix: str) -> dict[str, str]:
+    """Put the cases onto the SQL transport's topic; returns case -> why the queue
+    table refused it (an id longer than its column, on a server database)."""
+    refused: dict[str, str] = {}
+    for case in items:
+        try:
+            transport.put_raw(TOPIC, case.payload, message_id=case.message_id,
+                              headers={CASE_PROPERTY: f"{prefix}:{case.name}"})
+        except (DataError, IntegrityError) as exc:
+            refused[case.name] = f"{type(exc.orig).__name__}: the queue table refused it"
+    return refused
+
+
+def sql_dead_letters(transport: SqlTransport, group: str, items: list[Case]) -> dict[str, str]:
+    """Case name -> dead-letter reason, for the cases dead-lettered on the SQL transport."""
+    by_id = {case.message_id: case.name for case in items}
+    return {by_id[d.message_id]: d.reason or "" for d in transport.dead_letters(group, 10_000)
+            if d.message_id in by_id}
+
+
+#: On a shared broker bank2 acknowledges, unprocessed, every message that is not its
+#: run's (``OnlyRun``), and a message without an id is no run's: it cannot be sent
+#: to one chaos scenario. The SQL transport (no run filter) covers that case.
+NOT_ON_ROCKETMQ = ("missing-id",)
+
+
+def put_rocketmq(config: RocketMQConfig, items: list[Case], prefix: str) -> dict[str, str]:
+    """Send the cases with a raw producer; returns case -> why the broker refused it
+    (an empty body, say, never reaches the topic)."""
+    items = [case for case in items if case.name not in NOT_ON_ROCKETMQ]
+    rmq = rocketmq()
+    producer = rmq.Producer(client_configuration(config), (TOPIC,))
+    producer.startup()
+    refused: dict[str, str] = {}
+    try:
+        for case in items:
+            try:
+                message = rmq.Message()
+                message.topic = TOPIC
+                message.body = case.payload
+                message.add_property(CASE_PROPERTY, f"{prefix}:{case.name}")
+                if case.message_id is not None:
+                    message.add_property(MESSAGE_ID_PROPERTY, case.message_id)
+                producer.send(message)
+            except Exception as exc:  # the client's own checks: the message is not sent
+                refused[case.name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    finally:
+        producer.shutdown()
+    return refused
+
+
+class DeadLetterReader:
+    """Reads the RocketMQ dead-letter topic with a group of its own, for a whole run.
+
+    Created (and received from once) before any scenario sends, because a new group
+    may start at the end of the topic's queues.
+    """
+
+    def __init__(self, config: RocketMQConfig, group: str) -> None:
+        self.subscriber = RocketMQSubscriber(config, DEAD_LETTER_TOPIC, group,
+                                             dead_letter_topic=TOPIC, invisible_seconds=10)
+        self.seen: dict[str, tuple[str, str]] = {}  # CHAOS_CASE -> (group, reason)
+
+    def ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.poll()
+                return
+            except Exception:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    def poll(self) -> None:
+        for delivery in self.subscriber.fetch(32, 1):
+            props = dict(delivery.handle.properties or {})
+            case = props.get(CASE_PROPERTY)
+            if case:
+                self.seen[case] = (props.get(GROUP_PROPERTY, ""), props.get(REASON_PROPERTY, ""))
+            self.subscriber.ack(delivery)
+
+    def reasons(self, prefix: str, group: str) -> dict[str, str]:
+        """Case name -> reason, for this scenario's cases dead-lettered by ``group``."""
+        out = {}
+        for key, (dead_group, reason) in self.seen.items():
+            scenario, _, name = key.partition(":")
+            if scenario == prefix and dead_group == group:
+                out[name] = reason
+        return out
+
+    def close(self) -> None:
+        self.subscriber.close()
