@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     engine = create_engine(args.db)
     producer: RocketMQTransactionalProducer | None = None
     if args.transport == ROCKETMQ and not args.outbox_only:
+        # The guard row: if bank1 dies before the broker takes the commit and the
+        # broker then gives up on the half message, the relay sends the message.
         producer = faults.producer_class()(
-            rocketmq_config(args.rocketmq_endpoints), [TOPIC], fallback_to_outbox=True
+            rocketmq_config(args.rocketmq_endpoints), [TOPIC], fallback_to_outbox=True,
+            guard_after=dt.timedelta(seconds=2 * args.local_transaction_timeout),
         )
     # Decorating makes the producer learn the topic.
     app = create_app(engine, delivery=producer, local_transaction_timeout=dt.timedelta(

@@ -38,10 +38,18 @@ def message_row(message: Message, now: dt.datetime) -> dict[str, object]:
     }
 
 
-def add_message(session: Session | Connection, message: Message) -> None:
-    """Insert ``message`` as a pending outbox row: the one extra statement of a write."""
+def add_message(
+    session: Session | Connection, message: Message, *, due_at: dt.datetime | None = None
+) -> None:
+    """Insert ``message`` as a pending outbox row: the one extra statement of a write.
+
+    ``due_at`` holds the row back until then (a guard row, see the RocketMQ adapter).
+    """
+    row = message_row(message, utcnow())
+    if due_at is not None:
+        row["next_attempt_at"] = due_at
     try:
-        session.execute(T.insert().values(message_row(message, utcnow())))
+        session.execute(T.insert().values(row))
     except IntegrityError:
         raise duplicate_id(message) from None
 
@@ -127,6 +135,15 @@ def mark_sent(
         conn.execute(
             update(T).where(T.c.seq.in_(seqs)).values(status=SENT, sent_at=now, last_error=None)
         )
+
+
+def settle_guard(conn: Connection, message_id: str, now: dt.datetime) -> bool:
+    """Mark a pending guard row as sent (its message went out another way)."""
+    result = conn.execute(
+        update(T).where(T.c.message_id == message_id, T.c.status == PENDING)
+        .values(status=SENT, sent_at=now)
+    )
+    return bool(result.rowcount)
 
 
 @dataclass(frozen=True, slots=True)

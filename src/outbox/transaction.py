@@ -15,7 +15,7 @@ from .db import lock_for_writing
 from .errors import TransactionRolledBack
 from .message import Message, TransactionState
 from .schema import transaction_log, utcnow
-from .storage import duplicate_id
+from .storage import add_message, duplicate_id
 
 log = structlog.get_logger("outbox")
 
@@ -81,7 +81,14 @@ class SqlAlchemyTransactionListener:
         self.timeout = timeout
         self.clock = clock
 
-    def execute(self, message: Message, arg: Any) -> TransactionState:
+    def execute(
+        self, message: Message, arg: Any, *, guard_until: dt.datetime | None = None
+    ) -> TransactionState:
+        """Run ``arg`` (a :class:`LocalWork`) with the log row in one transaction.
+
+        With ``guard_until``, the message is also written as an outbox row due at
+        that time: if the broker never delivers the half message, a relay will.
+        """
         work: LocalWork = arg
         committing = False
         try:
@@ -97,6 +104,8 @@ class SqlAlchemyTransactionListener:
                         ))
                     except IntegrityError:
                         raise duplicate_id(message) from None
+                    if guard_until is not None:
+                        add_message(session, message, due_at=guard_until)
                     self._refuse_late_commit(message)
                     committing = True
         except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -16,7 +17,8 @@ from outbox.errors import (
     TransactionOutcomeUnknown,
 )
 from outbox.message import Message, TransactionState
-from outbox.schema import transaction_log
+from outbox.schema import transaction_log, utcnow
+from outbox.storage import settle_guard
 from outbox.transaction import LocalWork
 
 from ._client import (
@@ -49,16 +51,33 @@ class RocketMQTransactionalProducer:
     reached writes the message as a local outbox row instead (the business call
     succeeds); a relay with :class:`RocketMQPublisher` delivers it later. That topic
     must then be of type MIXED, since the relay's send is a normal one.
+
+    With ``guard_after``, the local transaction also writes the message as an outbox
+    row due that much later, settled as soon as the broker takes the commit. If the
+    producer dies before that, and the broker then gives up on the half message
+    (it sends check-backs to dead clients too, and discards a message after
+    ``transactionCheckMax`` unanswered checks), a relay publishes the guard row: at
+    worst the consumer sees the message twice and its inbox drops the second copy.
+    This costs one more INSERT in the transaction and one UPDATE after it, and
+    needs a MIXED topic and a relay, as the fallback does.
     """
 
     def __init__(
-        self, config: RocketMQConfig, topics: Iterable[str], *, fallback_to_outbox: bool = False
+        self,
+        config: RocketMQConfig,
+        topics: Iterable[str],
+        *,
+        fallback_to_outbox: bool = False,
+        guard_after: dt.timedelta | None = None,
     ) -> None:
         self.config = config
         self.topics = tuple(dict.fromkeys(topics))
         if not self.topics:
             raise ConfigurationError("name at least one topic the producer sends to")
+        if guard_after is not None and guard_after <= dt.timedelta(0):
+            raise ConfigurationError("guard_after must be a positive time")
         self.fallback_to_outbox = fallback_to_outbox
+        self.guard_after = guard_after
         self._outboxes: dict[str, Outbox] = {}
         self._producer: Any = None
         self._lock = threading.Lock()
@@ -157,8 +176,10 @@ class RocketMQTransactionalProducer:
                 return LocalOutbox().send(outbox, message, work)
             raise error from None
         log.debug("rocketmq_half_message_sent", **fields)
-        state = outbox.listener.execute(message, work)
-        self._end(transaction, state, message)
+        guard_until = utcnow() + self.guard_after if self.guard_after is not None else None
+        state = outbox.listener.execute(message, work, guard_until=guard_until)
+        if self._end(transaction, state, message) and guard_until is not None:
+            self._settle_guard(outbox, message)
         if state is TransactionState.ROLLBACK and work.exception is not None:
             error = outbox.explain_failure(work.exception, transaction_log)
             if error is not work.exception:
@@ -171,11 +192,12 @@ class RocketMQTransactionalProducer:
             ) from work.exception
         return work.outcome()
 
-    def _end(self, transaction: Any, state: TransactionState, message: Message) -> None:
+    def _end(self, transaction: Any, state: TransactionState, message: Message) -> bool:
+        """Commit or roll back the half message; True when the broker took a commit."""
         fields = message.log_fields()
         if state is TransactionState.UNKNOWN:
             log.warning("rocketmq_transaction_left_to_check_back", **fields)
-            return
+            return False
         try:
             if state is TransactionState.COMMIT:
                 transaction.commit()
@@ -185,5 +207,16 @@ class RocketMQTransactionalProducer:
             # The local outcome is durable; the broker's check-back will match it.
             log.warning("rocketmq_end_transaction_failed", state=state.value,
                         error=f"{type(exc).__name__}: {exc}", **fields)
-        else:
-            log.info("rocketmq_transaction_ended", state=state.value, **fields)
+            return False
+        log.info("rocketmq_transaction_ended", state=state.value, **fields)
+        return state is TransactionState.COMMIT
+
+    def _settle_guard(self, outbox: Outbox, message: Message) -> None:
+        # The broker has the commit: the guard row need not go. If this fails, the
+        # relay sends it later and the consumer's inbox drops the second copy.
+        try:
+            with outbox.session_factory.begin() as session:
+                settle_guard(session.connection(), message.id, utcnow())
+        except Exception as exc:
+            log.warning("rocketmq_guard_not_settled", error=f"{type(exc).__name__}: {exc}",
+                        **message.log_fields())

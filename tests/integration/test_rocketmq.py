@@ -71,11 +71,12 @@ def test_commit_is_delivered_once_and_rollback_never(
     assert seen == {good: 1}
 
 
-def _crash_child(tmp_path: Path, endpoints: str, order_no: str, point: str) -> float:
+def _crash_child(tmp_path: Path, endpoints: str, order_no: str, point: str,
+                 *extra: str, topic: str = TX_TOPIC_A) -> float:
     """Run a producer that dies at ``point``; returns the monotonic time of death."""
     db_url = f"sqlite:///{tmp_path / 'crash.db'}"
     done = subprocess.run(
-        [sys.executable, str(CHILD), db_url, endpoints, TX_TOPIC_A, order_no, point],
+        [sys.executable, str(CHILD), db_url, endpoints, topic, order_no, point, *extra],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
         env={"PYTHONPATH": str(ROOT / "src"), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
@@ -128,11 +129,49 @@ def test_crash_after_half_send_is_never_delivered(
     assert collect(config, TX_TOPIC_A, {order_no}, timeout=8) == {}
 
 
+def test_a_guarded_send_settles_its_guard_row_once_the_broker_has_the_commit(
+    tmp_path: Path, config: RocketMQConfig
+) -> None:
+    adapter = RocketMQTransactionalProducer(config, [MIXED_TOPIC],
+                                            guard_after=dt.timedelta(seconds=30))
+    try:
+        service = make_service(f"sqlite:///{tmp_path / 'g.db'}", adapter, MIXED_TOPIC)
+        adapter.start()
+        order_no = unique("guarded")
+        service.place_order(order_no)
+    finally:
+        adapter.close()
+    with service.engine.connect() as conn:
+        assert outbox.storage.counts(conn) == {"pending": 0, "sent": 1, "dead": 0}
+    assert collect(config, MIXED_TOPIC, {order_no}, timeout=20, settle=3) == {order_no: 1}
+
+
+def test_a_guard_row_delivers_a_half_message_the_broker_may_give_up_on(
+    tmp_path: Path, config: RocketMQConfig, rocketmq_endpoints: str
+) -> None:
+    """The producer dies after its local commit and no process of it comes back to
+    answer check-backs: the guard row, published by a relay, still gets the
+    message out (a late check-back commit would only add a duplicate)."""
+    order_no = unique("guard")
+    _crash_child(tmp_path, rocketmq_endpoints, order_no, "after-local-commit", "guard",
+                 topic=MIXED_TOPIC)
+    engine = outbox.create_engine(f"sqlite:///{tmp_path / 'crash.db'}")
+    with engine.connect() as conn:
+        assert outbox.storage.counts(conn)["pending"] == 1  # the guard, due in 1 s
+    time.sleep(1.5)
+    publisher = RocketMQPublisher(config, [MIXED_TOPIC])
+    try:
+        assert outbox.Relay(engine, publisher).run_once().published == 1
+    finally:
+        publisher.close()
+    assert collect(config, MIXED_TOPIC, {order_no}, timeout=20).get(order_no, 0) >= 1
+
+
 class LosesEndTransaction(RocketMQTransactionalProducer):
     """As if every commit/rollback call to the broker were lost on the way."""
 
-    def _end(self, transaction: Any, state: Any, message: Any) -> None:
-        pass
+    def _end(self, transaction: Any, state: Any, message: Any) -> bool:
+        return False
 
 
 def test_two_topics_in_one_process_are_each_checked_against_their_own_log(

@@ -145,10 +145,11 @@ class CrashingProducer(RocketMQTransactionalProducer):
     def _started(self) -> Any:
         return _CrashingClient(super()._started())
 
-    def _end(self, transaction: Any, state: Any, message: Message) -> None:
+    def _end(self, transaction: Any, state: Any, message: Message) -> bool:
         FAULTS.maybe_crash("before_end")
-        super()._end(transaction, state, message)
+        committed = super()._end(transaction, state, message)
         FAULTS.maybe_crash("after_end")
+        return committed
 
 
 def producer_class() -> type[RocketMQTransactionalProducer]:
