@@ -19,7 +19,7 @@ EXPECTED = (
 TIMEOUT = 180
 
 
-def run_demo(workdir: Path, *args: str) -> tuple[int, str]:
+def run_demo(workdir: Path, *args: str, timeout: float = TIMEOUT) -> tuple[int, str]:
     """Run the demo; returns its exit code and stdout (stderr is folded in)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(EXAMPLES_DIR), os.environ.get("PYTHONPATH")]))}
@@ -28,12 +28,12 @@ def run_demo(workdir: Path, *args: str) -> tuple[int, str]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
-        output, _ = process.communicate(timeout=TIMEOUT)
+        output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         # SIGTERM lets the demo stop its three services before it exits.
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
-        pytest.fail(f"demo did not finish within {TIMEOUT} s:\n{output}")
+        pytest.fail(f"demo did not finish within {timeout} s:\n{output}")
     return process.returncode, output
 
 

@@ -8,10 +8,6 @@ one on 127.0.0.1:8081); without it the test skips, or fails when CI is set.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -32,30 +28,9 @@ from bank_transfer.setup import setup
 from outbox import Delivery, IdempotentConsumer, JsonCodec, Message, create_engine
 from outbox.testing import InMemoryBroker
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
-EXPECTED = (
-    "SETTLED transfers=12 committed=10 rolled_back=2 credited=10 duplicates_ignored=1 "
-    "total_before=10000.00 total_after=10000.00 conserved=yes"
-)
+from .test_demo import EXPECTED, run_demo
+
 TIMEOUT = 240
-
-
-def run_demo(workdir: Path, *args: str) -> tuple[int, str]:
-    """Run the demo; returns its exit code and stdout (stderr is folded in)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(EXAMPLES_DIR), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bank_transfer.demo", "--workdir", str(workdir), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        # SIGTERM lets the demo stop its three services before it exits.
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
-        pytest.fail(f"demo did not finish within {TIMEOUT} s:\n{output}")
-    return process.returncode, output
 
 
 @pytest.mark.slow
@@ -66,7 +41,7 @@ def test_demo_over_rocketmq(tmp_path: Path, rocketmq_endpoints: str) -> None:
     for name in ("first", "second"):
         workdir = tmp_path / name
         code, output = run_demo(workdir, "--transport", "rocketmq",
-                                "--rocketmq-endpoints", rocketmq_endpoints)
+                                "--rocketmq-endpoints", rocketmq_endpoints, timeout=TIMEOUT)
         lines = output.strip().splitlines()
         assert lines, "the demo printed nothing"
         assert lines[-1] == EXPECTED, output
