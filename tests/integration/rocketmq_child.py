@@ -50,9 +50,9 @@ def main() -> None:
         # before the local transaction can commit.
         original = service.app.listener.execute
 
-        def execute(message: Any, work: Any) -> Any:
+        def execute(message: Any, work: Any, **options: Any) -> Any:
             die()
-            return original(message, work)
+            return original(message, work, **options)
 
         service.app.listener.execute = execute  # type: ignore[method-assign]
         service.place_order(order_no)
