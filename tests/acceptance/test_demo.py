@@ -74,25 +74,19 @@ def test_demo_runs_again_in_the_same_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.postgres
-def test_demo_on_postgres(tmp_path: Path, postgres_server: str) -> None:
+@pytest.mark.parametrize("server", [
+    pytest.param("postgres_server", marks=pytest.mark.postgres),
+    pytest.param("mariadb_server", marks=pytest.mark.mariadb),
+])
+def test_demo_on_a_database_server(
+    tmp_path: Path, server: str, request: pytest.FixtureRequest
+) -> None:
+    url: str = request.getfixturevalue(server)
     workdir = tmp_path / "run"
     for _ in range(2):  # the second run proves the demo resets the server's tables
-        code, output = run_demo(workdir, *server_databases(postgres_server))
+        code, output = run_demo(workdir, *server_databases(url))
         assert_settled(code, output, workdir)
-    password = make_url(postgres_server).password
-    if password:
-        assert f":{password}@" not in output
-
-
-@pytest.mark.slow
-@pytest.mark.mariadb
-def test_demo_on_mariadb(tmp_path: Path, mariadb_server: str) -> None:
-    workdir = tmp_path / "run"
-    for _ in range(2):  # the second run proves the demo resets the server's tables
-        code, output = run_demo(workdir, *server_databases(mariadb_server))
-        assert_settled(code, output, workdir)
-    password = make_url(mariadb_server).password
+    password = make_url(url).password
     if password:
         assert f":{password}@" not in output
 
