@@ -49,3 +49,10 @@ class TransactionOutcomeUnknown(OutboxError):
 
     The message is neither lost nor duplicated: the broker's check-back settles it.
     """
+
+
+class MisuseError(OutboxError):
+    """The framework's API was used in a way that would break its promise: committing,
+    rolling back or closing the session the framework owns, a sync decorator on a
+    coroutine, a nested call that cannot join the open transaction. Nothing of the
+    call is committed."""

@@ -73,3 +73,38 @@ class LocalTransactionListener(Protocol):
 @runtime_checkable
 class Closeable(Protocol):
     def close(self) -> None: ...
+
+
+# -- asyncio forms: the same duties, awaited in the service's event loop --------------
+
+
+@runtime_checkable
+class AsyncPublisher(Protocol):
+    """Publishes one message from the event loop; raises PublishError when it cannot."""
+
+    async def publish(self, message: Message) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncBatchPublisher(Protocol):
+    """Optional ability: publish several messages in one round trip, all or none."""
+
+    async def publish_batch(self, messages: Sequence[Message]) -> None: ...
+
+
+@runtime_checkable
+class AsyncSubscriber(Protocol):
+    """:class:`Subscriber` for asyncio: every method is a coroutine and ``fetch``
+    waits without blocking the event loop."""
+
+    async def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]: ...
+
+    async def ack(self, delivery: Delivery) -> None: ...
+
+    async def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None: ...
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None: ...
+
+    async def close(self) -> None: ...
