@@ -40,9 +40,11 @@ from sqlalchemy import (
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 import outbox
+from outbox.aio import create_async_engine
 from outbox.sql_transport import transport_metadata
 
 ENV_VARS = {"postgres": "OUTBOX_TEST_POSTGRES_URL", "mariadb": "OUTBOX_TEST_MARIADB_URL"}
@@ -225,6 +227,16 @@ def engine(db_url: str) -> Iterator[Engine]:
     reset_tables(eng)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def async_engine(engine: Engine, db_url: str) -> AsyncEngine:
+    """An :class:`AsyncEngine` (asyncio driver) on the same clean database as ``engine``.
+
+    Without a pool: each test runs its own event loop (``asyncio.run``), and pooled
+    connections must not outlive the loop they were made in.
+    """
+    return create_async_engine(db_url, poolclass=NullPool)
 
 
 @pytest.fixture
