@@ -1,49 +1,64 @@
-"""The application object, the ``@transactional_message`` decorator and the local outbox."""
+"""The application object, the ``@transactional_message`` decorator, ``send`` on the
+caller's session, and the local outbox adapter."""
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
-import inspect
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import structlog
-from sqlalchemy import Engine, Table
+from sqlalchemy import Connection, Engine, Executable, Insert, Table
 from sqlalchemy import inspect as inspect_db
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .codec import JsonCodec
-from .db import lock_for_writing, safe_url
-from .errors import ConfigurationError, MessageError
+from .db import safe_url
+from .decorator import (
+    RANDOM_ID,
+    MessageSpec,
+    build_message,
+    check_function_kind,
+    check_options,
+)
+from .errors import ConfigurationError, MisuseError
 from .message import Message
 from .relay import Relay, RelayConfig
-from .schema import outbox_messages, utcnow
-from .storage import add_message
-from .transaction import (
-    CREATED_AT_HEADER,
-    DEFAULT_LOCAL_TRANSACTION_TIMEOUT,
-    LocalWork,
-    SqlAlchemyTransactionListener,
+from .schema import outbox_messages
+from .scope import (
+    SCOPE_KEY,
+    Scope,
+    Ticket,
+    caller_scope,
+    current_scope,
+    guarded_class,
+    run_owned,
+    write_records,
+    write_lock_statement,
 )
+from .schema import utcnow
+from .storage import duplicate_id, message_row
+from .transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT, SqlAlchemyTransactionListener
 from .typing import Codec, Publisher
 
 log = structlog.get_logger("outbox")
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 
 class DeliveryAdapter(Protocol):
-    """How a decorated call's message leaves: the local outbox, RocketMQ, ...
+    """How a message leaves: the local outbox, RocketMQ half messages, ...
 
-    ``send`` runs ``work`` in a local transaction together with whatever makes the
-    message durable, and returns the work's result or raises its exception.
+    ``prepare`` is called before the message joins a transaction (a half message is
+    sent here) and returns the :class:`~outbox.scope.Ticket` that writes the durable
+    record in the transaction and follows its outcome.
     """
 
-    def send(self, outbox: Outbox, message: Message, work: LocalWork) -> Any: ...
+    def prepare(self, outbox: Any, message: Message) -> Ticket: ...
 
 
 @runtime_checkable
@@ -51,7 +66,44 @@ class TopicRegistry(Protocol):
     """Optional ability of a delivery adapter: learn, when a function is decorated,
     which database produces a topic (to answer the broker's check-backs)."""
 
-    def register(self, topic: str, outbox: Outbox) -> None: ...
+    def register(self, topic: str, outbox: Any) -> None: ...
+
+
+def insert_message(message: Message, *, due_at: dt.datetime | None = None) -> Insert:
+    """The INSERT of ``message`` as a pending outbox row: the one extra statement of a
+    write. ``due_at`` holds the row back until then (a guard row)."""
+    row = message_row(message, utcnow())
+    if due_at is not None:
+        row["next_attempt_at"] = due_at
+    return outbox_messages.insert().values(row)
+
+
+class LocalTicket:
+    """An outbox row in the transaction; after the commit, the relays are nudged."""
+
+    __slots__ = ("message", "nudge", "statements")
+
+    def __init__(self, message: Message, nudge: Callable[[], None],
+                 due_at: dt.datetime | None = None) -> None:
+        self.message = message
+        self.nudge = nudge
+        self.statements: Sequence[Executable] = (insert_message(message, due_at=due_at),)
+
+    def before_commit(self) -> None:
+        pass
+
+    def committed(self) -> None:
+        log.debug("outbox_message_committed", **self.message.log_fields())
+        self.nudge()
+
+    def rolled_back(self) -> None:
+        pass
+
+    def unknown(self) -> BaseException | None:
+        return None  # the row and the change are one transaction: the database's error
+
+    def duplicate(self) -> BaseException:
+        return duplicate_id(self.message)
 
 
 class LocalOutbox:
@@ -61,24 +113,76 @@ class LocalOutbox:
     row after the commit. The business operation never waits for a broker.
     """
 
-    def send(self, outbox: Outbox, message: Message, work: LocalWork) -> Any:
-        try:
-            with outbox.session_factory() as session, session.begin():
-                lock_for_writing(session.connection(), outbox_messages)
-                work.run(session)
-                add_message(session, message)
-        except DBAPIError as exc:
-            error = outbox.explain_failure(exc, outbox_messages)
-            if error is exc:
-                raise
-            raise error from None
-        log.debug("outbox_message_committed", **message.log_fields())
-        outbox.notify_committed()
-        return work.result
+    def prepare(self, outbox: Any, message: Message) -> Ticket:
+        return LocalTicket(message, outbox.notify_committed)
+
+    async def aprepare(self, outbox: Any, message: Message) -> Ticket:
+        return LocalTicket(message, outbox.notify_committed)
 
 
-class Outbox:
-    """One service's database, delivery adapter and codec.
+def database_identity(url: URL) -> URL:
+    """The database a URL names, whatever its driver (sync and asyncio alike)."""
+    return url.set(drivername=url.get_backend_name())
+
+
+def missing_tables_error(url: URL, existing: set[str], tables: Sequence[Table]
+                         ) -> ConfigurationError | None:
+    missing = [t.name for t in tables if t.name not in existing]
+    if not missing:
+        return None
+    return ConfigurationError(
+        f"table(s) {', '.join(missing)} missing in {safe_url(url)}; create them with  "
+        "outbox migrate --db URL  (or alembic upgrade outbox@head, or "
+        "outbox.metadata.create_all(engine))"
+    )
+
+
+class BaseOutbox:
+    """What the sync :class:`Outbox` and the asyncio ``AsyncOutbox`` share."""
+
+    delivery: Any
+    url: URL
+
+    def __init__(self, *, delivery: Any, codec: Codec | None, url: URL, dialect: str) -> None:
+        self.delivery = delivery if delivery is not None else LocalOutbox()
+        self.codec: Codec = codec if codec is not None else JsonCodec()
+        self.url = url
+        self.identity = database_identity(url)
+        self.dialect = "mysql" if dialect == "mariadb" else dialect
+        self._wakeups: list[Any] = []
+        self._lock = threading.Lock()
+
+    def subscribe_commits(self, event_: Any) -> None:
+        """Call ``event_.set()`` after every local commit that wrote an outbox row
+        (a ``threading.Event`` or ``asyncio.Event``: the relay's nudge)."""
+        with self._lock:
+            self._wakeups.append(event_)
+
+    def notify_committed(self) -> None:
+        for wakeup in self._wakeups:
+            wakeup.set()
+
+    def message(
+        self, *, topic: str, payload: Any, key: str | int | None = None,
+        message_id: str | int | None = None, tag: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Message:
+        """The message ``send`` would write: ``payload`` encoded with this codec."""
+        check_options(topic, None)
+        return build_message(self.codec, topic=topic, body=payload, key=key,
+                             message_id=RANDOM_ID if message_id is None else message_id,
+                             tag=tag, headers=headers)
+
+    def _register(self, topic: str) -> None:
+        if isinstance(self.delivery, TopicRegistry):
+            self.delivery.register(topic, self)
+
+    def _lock_statement(self) -> Executable | None:
+        return write_lock_statement(self.dialect, outbox_messages)
+
+
+class Outbox(BaseOutbox):
+    """One service's database, delivery adapter and codec (sync; see ``AsyncOutbox``).
 
     ``bind`` is an Engine or a ``sessionmaker``. ``delivery`` defaults to the local
     outbox; switching to another adapter needs no change in decorated functions.
@@ -93,21 +197,22 @@ class Outbox:
         local_transaction_timeout: dt.timedelta = DEFAULT_LOCAL_TRANSACTION_TIMEOUT,
     ) -> None:
         if isinstance(bind, Engine):
-            self.session_factory: sessionmaker[Session] = sessionmaker(bind, expire_on_commit=False)
+            factory = sessionmaker(bind, class_=guarded_class(Session), expire_on_commit=False)
         elif isinstance(bind, sessionmaker):
-            self.session_factory = bind
+            factory = sessionmaker(class_=guarded_class(bind.class_), **bind.kw)
         else:
             raise ConfigurationError(
                 f"Outbox needs a SQLAlchemy Engine or sessionmaker, got {type(bind).__name__}; "
-                "create one with outbox.create_engine(url)"
+                "create one with outbox.create_engine(url) (for an AsyncEngine use AsyncOutbox)"
             )
-        self.delivery: DeliveryAdapter = delivery if delivery is not None else LocalOutbox()
-        self.codec: Codec = codec if codec is not None else JsonCodec()
+        self.session_factory: sessionmaker[Session] = factory
+        engine = factory.kw.get("bind")
+        url = engine.url if isinstance(engine, Engine) else URL.create("unbound")
+        dialect = engine.dialect.name if isinstance(engine, Engine) else "unbound"
+        super().__init__(delivery=delivery, codec=codec, url=url, dialect=dialect)
         self.listener = SqlAlchemyTransactionListener(
             self.session_factory, timeout=local_transaction_timeout
         )
-        self._wakeups: list[threading.Event] = []
-        self._lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -129,31 +234,83 @@ class Outbox:
             existing = set(inspect_db(bind).get_table_names())
         except DBAPIError:
             return exc
-        missing = [t.name for t in tables if t.name not in existing]
-        if not missing:
-            return exc
-        return ConfigurationError(
-            f"table(s) {', '.join(missing)} missing in {safe_url(bind.url)}; create them "
-            "with  outbox migrate --db URL  (or alembic upgrade outbox@head, or "
-            "outbox.metadata.create_all(engine))"
-        )
-
-    def subscribe_commits(self, event: threading.Event) -> None:
-        """Set ``event`` after every local commit that wrote an outbox row (relay nudge)."""
-        with self._lock:
-            self._wakeups.append(event)
-
-    def notify_committed(self) -> None:
-        with self._lock:
-            events = list(self._wakeups)
-        for event in events:
-            event.set()
+        needed = tables or getattr(self.delivery, "tables", (outbox_messages,))
+        return missing_tables_error(bind.url, existing, needed) or exc
 
     def relay(self, publisher: Publisher, config: RelayConfig | None = None) -> Relay:
         """A relay on this outbox's database, nudged right after each local commit."""
         relay = Relay(self.engine, publisher, config)
         self.subscribe_commits(relay.wakeup)
         return relay
+
+    # -- the caller's own session ------------------------------------------------------
+
+    def send(
+        self, session: Session, *, topic: str, payload: Any, key: str | int | None = None,
+        message_id: str | int | None = None, tag: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Message:
+        """Add a message to ``session``'s transaction: it is sent if and only if that
+        transaction commits. Works on any session of this outbox's database: the
+        caller's own (a web framework's, a repository's), the one a decorated
+        function or a consumer's handler is given. Returns the message."""
+        if not isinstance(session, Session):
+            raise MisuseError(
+                f"Outbox.send needs a sync SQLAlchemy Session, got {type(session).__name__}; "
+                "for an AsyncSession use  await AsyncOutbox(...).send(session, ...)"
+            )
+        message = self.message(topic=topic, payload=payload, key=key, message_id=message_id,
+                               tag=tag, headers=headers)
+        scope = self._scope_of(session)
+        self._register(topic)
+        self._join(scope, message, session)
+        return message
+
+    def _scope_of(self, session: Session) -> Scope:
+        active = current_scope()
+        if active is not None and active.session is session:
+            active.check_join(self.identity, False, "Outbox.send")
+            return active
+        found = session.info.get(SCOPE_KEY)
+        if isinstance(found, Scope):
+            return found
+        bind = session.get_bind()
+        url = bind.engine.url if isinstance(bind, Connection) else bind.url
+        if database_identity(url) != self.identity:
+            raise MisuseError(
+                f"Outbox.send got a session of {safe_url(url)}, but this outbox writes to "
+                f"{safe_url(self.url)}; send on a session of the outbox's own database"
+            )
+        return caller_scope(session, session, self.identity)
+
+    def _join(self, scope: Scope, message: Message, session: Session) -> None:
+        """Attach ``message`` to an open transaction and write its record now."""
+        ticket = self.delivery.prepare(self, message)
+        try:
+            write_records(session, scope.attach(ticket), ticket)
+        except BaseException:
+            scope.detach(ticket)
+            raise
+
+    # -- the decorated call -------------------------------------------------------------
+
+    def call(self, spec: MessageSpec, fn: Callable[..., R], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> R:
+        """Run ``fn(session, *args, **kwargs)`` and its message in one transaction."""
+        bound = spec.bind(args, kwargs)
+        message = spec.message(self.codec, bound)
+        active = current_scope()
+        if active is not None:  # a nested call, or a call from a handler: join
+            active.check_join(self.identity, False, spec.name)
+            result = fn(active.user_session, *bound.args, **bound.kwargs)
+            self._join(active, message, active.session)
+            return result
+        return run_owned(
+            self.session_factory, identity=self.identity, owner=spec.name,
+            ticket=self.delivery.prepare(self, message), lock=self._lock_statement(),
+            work=lambda session: fn(session, *bound.args, **bound.kwargs),
+            explain=self.explain_failure,
+        )
 
     def transactional_message(
         self,
@@ -172,29 +329,88 @@ class Outbox:
         )
 
 
-def _argument_getter(
-    what: str, spec: str | Callable[..., Any] | None, params: Mapping[str, inspect.Parameter]
-) -> Callable[[inspect.BoundArguments], Any] | None:
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        if spec not in params:
-            raise ConfigurationError(
-                f"{what}={spec!r} names no parameter of the decorated function; "
-                f"parameters are {', '.join(params) or '(none)'}"
-            )
-        return lambda bound: bound.arguments[spec]
-    if callable(spec):
-        return lambda bound: spec(*bound.args, **bound.kwargs)
-    raise ConfigurationError(f"{what} must be a parameter name or a callable, got {spec!r}")
+def transactional_message(
+        self,
+        *,
+        topic: str,
+        payload: Callable[..., Any] | None = None,
+        key: str | Callable[..., Any] | None = None,
+        message_id: str | Callable[..., Any] | None = None,
+        tag: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Callable[[Callable[..., R]], Callable[..., R]]:
+        """See :func:`transactional_message`."""
+        return transactional_message(
+            self, topic=topic, payload=payload, key=key, message_id=message_id,
+            tag=tag, headers=headers,
+        )
 
 
-def _as_text(what: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str | int) and not isinstance(value, bool):
-        return str(value)
-    raise MessageError(f"message {what} must be a str or int, got {type(value).__name__}")
+def write_records(session: Session, statements: Sequence[Executable], message: Message) -> None:
+    """Write a ticket's durable record; a reused message id is a DuplicateMessageError."""
+    try:
+        for statement in statements:
+            session.execute(statement)
+    except IntegrityError:
+        raise duplicate_id(message) from None
+
+
+def transactional_message(
+        self,
+        *,
+        topic: str,
+        payload: Callable[..., Any] | None = None,
+        key: str | Callable[..., Any] | None = None,
+        message_id: str | Callable[..., Any] | None = None,
+        tag: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Callable[[Callable[..., R]], Callable[..., R]]:
+        """See :func:`transactional_message`."""
+        return transactional_message(
+            self, topic=topic, payload=payload, key=key, message_id=message_id,
+            tag=tag, headers=headers,
+        )
+
+
+def write_records(session: Session, statements: Sequence[Executable], message: Message) -> None:
+    """Write a ticket's durable record; a reused message id is a DuplicateMessageError."""
+    try:
+        for statement in statements:
+            session.execute(statement)
+    except IntegrityError:
+        raise duplicate_id(message) from None
+
+
+def caller_scope(session: Session, user_session: Any, identity: URL) -> Scope:
+    """The scope of a session the caller owns, following its commit through events."""
+    scope = Scope(session, user_session, url=identity, owner="the caller", owned=False)
+    session.info[SCOPE_KEY] = scope
+    event.listen(session, "before_commit", _before_commit)
+    event.listen(session, "after_commit", _after_commit)
+    event.listen(session, "after_transaction_end", _after_transaction_end)
+    return scope
+
+
+def _before_commit(session: Session) -> None:
+    scope = session.info.get(SCOPE_KEY)
+    if scope is not None and scope.tickets:
+        scope.before_commit()
+
+
+def _after_commit(session: Session) -> None:
+    scope = session.info.get(SCOPE_KEY)
+    if scope is not None:
+        scope.committed()
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    scope = session.info.get(SCOPE_KEY)
+    if scope is None or not scope.tickets:
+        return
+    if transaction.parent is None:
+        scope.rolled_back()  # the root ended without a commit (rollback, close, error)
+    else:
+        scope.savepoint_ended(transaction)
 
 
 def transactional_message(
@@ -213,7 +429,10 @@ def transactional_message(
     The caller calls ``fn(*args, **kwargs)`` without the session: the framework
     opens one, runs ``fn``, and makes the message durable in the same transaction
     (how depends on ``outbox.delivery``). If ``fn`` raises, everything rolls back,
-    nothing is sent and the exception reaches the caller.
+    nothing is sent and the exception reaches the caller. Called from inside another
+    decorated function or a consumer's handler, it joins that transaction instead.
+    ``fn`` must not commit, roll back or close the session (that raises MisuseError
+    and nothing is committed).
 
     The message is built from the call's arguments before the transaction runs:
     ``payload(*args, **kwargs)`` gives the body (default: the arguments by name),
@@ -221,48 +440,19 @@ def transactional_message(
     ``message_id`` (say, a transfer number) makes the consumer's de-duplication
     follow your business key.
     """
-    if not isinstance(topic, str) or not topic:
-        raise ConfigurationError("transactional_message needs a non-empty topic")
-    if payload is not None and not callable(payload):
-        raise ConfigurationError("payload must be a callable taking the function's arguments")
+    check_options(topic, payload)
 
     def decorate(fn: Callable[..., R]) -> Callable[..., R]:
-        if isinstance(outbox.delivery, TopicRegistry):
-            outbox.delivery.register(topic, outbox)
-        params = list(inspect.signature(fn).parameters.values())
-        if not params or params[0].kind not in (
-            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
-        ):
-            raise ConfigurationError(
-                f"{fn.__qualname__} must take the session as its first positional parameter"
-            )
-        call_sig = inspect.Signature(params[1:])
-        by_name = {p.name: p for p in params[1:]}
-        get_key = _argument_getter("key", key, by_name)
-        get_id = _argument_getter("message_id", message_id, by_name)
-        static_headers = dict(headers or {})
+        check_function_kind(fn, is_async=False, decorator="Outbox.transactional_message")
+        spec = MessageSpec(fn, topic=topic, payload=payload, key=key, message_id=message_id,
+                           tag=tag, headers=headers)
+        outbox._register(topic)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> R:
-            try:
-                bound = call_sig.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise TypeError(f"{fn.__qualname__}(): {exc}") from None
-            bound.apply_defaults()
-            body = payload(*bound.args, **bound.kwargs) if payload else dict(bound.arguments)
-            msg_headers = {**static_headers, CREATED_AT_HEADER: utcnow().isoformat()}
-            msg_kwargs: dict[str, Any] = {}
-            if get_id is not None:
-                msg_kwargs["id"] = _as_text("id", get_id(bound))
-            message = Message(
-                topic=topic, payload=outbox.codec.encode(body),
-                key=_as_text("key", get_key(bound)) if get_key else None,
-                tag=tag, headers=msg_headers, **msg_kwargs,
-            )
-            work = LocalWork(fn, bound.args, bound.kwargs)
-            return outbox.delivery.send(outbox, message, work)  # type: ignore[no-any-return]
+            return outbox.call(spec, fn, args, kwargs)
 
-        wrapper.__signature__ = call_sig  # type: ignore[attr-defined]
+        wrapper.__signature__ = spec.signature  # type: ignore[attr-defined]
         return wrapper
 
     return decorate

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import Executable, select
+from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db import lock_for_writing
-from .errors import TransactionRolledBack
+from .errors import TransactionOutcomeUnknown, TransactionRolledBack
 from .message import Message, TransactionState
-from .schema import transaction_log, utcnow
-from .storage import add_message, duplicate_id
+from .schema import outbox_messages, transaction_log, utcnow
+from .scope import outcome_unknown, run_owned, write_lock_statement
+from .storage import duplicate_id, message_row
 
 log = structlog.get_logger("outbox")
 
@@ -90,36 +90,26 @@ class SqlAlchemyTransactionListener:
         that time: if the broker never delivers the half message, a relay will.
         """
         work: LocalWork = arg
-        committing = False
+        ticket = TransactionLogTicket(self, message, guard_until)
+        bind = self.session_factory.kw.get("bind")
+        dialect = bind.dialect.name if bind is not None else ""
         try:
-            with self.session_factory() as session:
-                transaction = session.begin()
-                with transaction:
-                    lock_for_writing(session.connection(), transaction_log)
-                    work.run(session)
-                    try:
-                        session.execute(transaction_log.insert().values(
-                            transaction_id=message.id, message_id=message.id,
-                            topic=message.topic, created_at=self.clock(),
-                        ))
-                    except IntegrityError:
-                        raise duplicate_id(message) from None
-                    if guard_until is not None:
-                        add_message(session, message, due_at=guard_until)
-                    self._refuse_late_commit(message)
-                    committing = True
+            run_owned(
+                self.session_factory, identity=bind.url if bind is not None else URL.create("-"),
+                owner=getattr(work, "name", "the local transaction"), ticket=ticket,
+                lock=write_lock_statement(dialect, transaction_log), work=work.run,
+                explain=lambda exc: exc,
+            )
+        except TransactionOutcomeUnknown as exc:
+            work.exception = work.exception or exc
+            return TransactionState.UNKNOWN
         except Exception as exc:
             if work.exception is None:
                 work.exception = exc
-            if committing and isinstance(exc, SQLAlchemyError):
-                # The commit itself failed: it may or may not have reached the disk.
-                log.warning("local_transaction_outcome_unknown", error=type(exc).__name__,
-                            **message.log_fields())
-                return TransactionState.UNKNOWN
             return TransactionState.ROLLBACK
         return TransactionState.COMMIT
 
-    def _refuse_late_commit(self, message: Message) -> None:
+    def refuse_late_commit(self, message: Message) -> None:
         # A check-back answers ROLLBACK for a message older than the timeout without a
         # log row. Committing that late would leave the change without its message,
         # so a transaction past half the timeout rolls back instead: the other half
@@ -161,3 +151,47 @@ def message_created_at(message: Message) -> dt.datetime | None:
         return dt.datetime.fromisoformat(raw)
     except ValueError:
         return None
+
+
+class TransactionLogTicket:
+    """The transaction-log row of a half message in the local transaction.
+
+    ``check`` answers the broker's check-back from that row. Before the commit, a
+    transaction that ran past half the local-transaction timeout is refused (a
+    check-back may already have answered ROLLBACK). ``guard_until`` also writes the
+    message as an outbox row due then (see the RocketMQ adapter's guard row).
+    Subclasses (broker adapters) add what follows the commit.
+    """
+
+    __slots__ = ("listener", "message", "statements")
+
+    def __init__(self, listener: SqlAlchemyTransactionListener, message: Message,
+                 guard_until: dt.datetime | None = None) -> None:
+        self.listener = listener
+        self.message = message
+        log_row = transaction_log.insert().values(
+            transaction_id=message.id, message_id=message.id, topic=message.topic,
+            created_at=listener.clock(),
+        )
+        if guard_until is None:
+            self.statements: Sequence[Executable] = (log_row,)
+        else:
+            row = message_row(message, utcnow())
+            row["next_attempt_at"] = guard_until
+            self.statements = (log_row, outbox_messages.insert().values(row))
+
+    def before_commit(self) -> None:
+        self.listener.refuse_late_commit(self.message)
+
+    def committed(self) -> None:
+        pass
+
+    def rolled_back(self) -> None:
+        pass
+
+    def unknown(self) -> BaseException | None:
+        log.warning("local_transaction_outcome_unknown", **self.message.log_fields())
+        return outcome_unknown(self.message.id)
+
+    def duplicate(self) -> BaseException:
+        return duplicate_id(self.message)

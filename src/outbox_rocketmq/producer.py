@@ -10,16 +10,12 @@ from typing import Any
 import structlog
 
 from outbox.app import LocalOutbox, Outbox
-from outbox.errors import (
-    BrokerUnavailableError,
-    ConfigurationError,
-    MessageError,
-    TransactionOutcomeUnknown,
-)
+from outbox.errors import BrokerUnavailableError, ConfigurationError, MessageError
 from outbox.message import Message, TransactionState
-from outbox.schema import transaction_log, utcnow
+from outbox.schema import outbox_messages, transaction_log, utcnow
+from outbox.scope import Ticket
 from outbox.storage import settle_guard
-from outbox.transaction import LocalWork
+from outbox.transaction import TransactionLogTicket
 
 from ._client import (
     client_configuration,
@@ -79,6 +75,9 @@ class RocketMQTransactionalProducer:
         self.fallback_to_outbox = fallback_to_outbox
         self.guard_after = guard_after
         self._outboxes: dict[str, Outbox] = {}
+        #: The tables a send writes (named when one is missing).
+        self.tables = (transaction_log,) if guard_after is None and not fallback_to_outbox \
+            else (transaction_log, outbox_messages)
         self._producer: Any = None
         self._lock = threading.Lock()
 
@@ -161,7 +160,9 @@ class RocketMQTransactionalProducer:
 
     # -- the send path ---------------------------------------------------------------
 
-    def send(self, outbox: Outbox, message: Message, work: LocalWork) -> Any:
+    def prepare(self, outbox: Outbox, message: Message) -> Ticket:
+        """Send ``message`` as a half message; the ticket writes its transaction-log row
+        in the local transaction and commits or rolls back the half message after it."""
         self.register(message.topic, outbox)
         fields = message.log_fields()
         try:
@@ -173,31 +174,15 @@ class RocketMQTransactionalProducer:
                 exc, self.config, f"sending half message {message.id}")
             if isinstance(error, BrokerUnavailableError) and self.fallback_to_outbox:
                 log.warning("rocketmq_unreachable_using_outbox", error=str(error), **fields)
-                return LocalOutbox().send(outbox, message, work)
+                return LocalOutbox().prepare(outbox, message)
             raise error from None
         log.debug("rocketmq_half_message_sent", **fields)
         guard_until = utcnow() + self.guard_after if self.guard_after is not None else None
-        state = outbox.listener.execute(message, work, guard_until=guard_until)
-        if self._end(transaction, state, message) and guard_until is not None:
-            self._settle_guard(outbox, message)
-        if state is TransactionState.ROLLBACK and work.exception is not None:
-            error = outbox.explain_failure(work.exception, transaction_log)
-            if error is not work.exception:
-                raise error from None
-        if state is TransactionState.UNKNOWN:
-            raise TransactionOutcomeUnknown(
-                f"the commit of message {message.id}'s local transaction failed midway; "
-                "the broker's check-back will deliver or drop the message to match "
-                "what the database holds"
-            ) from work.exception
-        return work.outcome()
+        return HalfMessageTicket(self, outbox, message, transaction, guard_until)
 
     def _end(self, transaction: Any, state: TransactionState, message: Message) -> bool:
         """Commit or roll back the half message; True when the broker took a commit."""
         fields = message.log_fields()
-        if state is TransactionState.UNKNOWN:
-            log.warning("rocketmq_transaction_left_to_check_back", **fields)
-            return False
         try:
             if state is TransactionState.COMMIT:
                 transaction.commit()
@@ -215,8 +200,35 @@ class RocketMQTransactionalProducer:
         # The broker has the commit: the guard row need not go. If this fails, the
         # relay sends it later and the consumer's inbox drops the second copy.
         try:
-            with outbox.session_factory.begin() as session:
-                settle_guard(session.connection(), message.id, utcnow())
+            with outbox.engine.begin() as conn:
+                settle_guard(conn, message.id, utcnow())
         except Exception as exc:
             log.warning("rocketmq_guard_not_settled", error=f"{type(exc).__name__}: {exc}",
                         **message.log_fields())
+
+
+class HalfMessageTicket(TransactionLogTicket):
+    """A sent half message in a local transaction: its log row is written inside,
+    and the half message is committed or rolled back to match the outcome."""
+
+    __slots__ = ("adapter", "guarded", "outbox", "transaction")
+
+    def __init__(self, adapter: RocketMQTransactionalProducer, outbox: Outbox, message: Message,
+                 transaction: Any, guard_until: dt.datetime | None) -> None:
+        super().__init__(outbox.listener, message, guard_until)
+        self.adapter = adapter
+        self.outbox = outbox
+        self.transaction = transaction
+        self.guarded = guard_until is not None
+
+    def committed(self) -> None:
+        if self.adapter._end(self.transaction, TransactionState.COMMIT, self.message) \
+                and self.guarded:
+            self.adapter._settle_guard(self.outbox, self.message)
+
+    def rolled_back(self) -> None:
+        self.adapter._end(self.transaction, TransactionState.ROLLBACK, self.message)
+
+    def unknown(self) -> BaseException | None:
+        log.warning("rocketmq_transaction_left_to_check_back", **self.message.log_fields())
+        return super().unknown()

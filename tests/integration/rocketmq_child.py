@@ -46,15 +46,15 @@ def main() -> None:
     elif point == "after-half-send":
         adapter = RocketMQTransactionalProducer(config, [topic])
         service = make_service(db_url, adapter, topic)
-        # The business function runs after the half message was sent: die inside it,
-        # before the local transaction can commit.
-        original = service.app.listener.execute
+        # The half message is out; die before the local transaction can commit.
+        original = adapter.prepare
 
-        def execute(message: Any, work: Any, **options: Any) -> Any:
+        def prepare(outbox: Any, message: Any) -> Any:
+            ticket = original(outbox, message)
             die()
-            return original(message, work, **options)
+            return ticket
 
-        service.app.listener.execute = execute  # type: ignore[method-assign]
+        adapter.prepare = prepare  # type: ignore[method-assign]
         service.place_order(order_no)
     else:
         raise SystemExit(f"unknown crash point {point}")

@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from outbox import (
     ConfigurationError,
     JsonCodec,
-    LocalWork,
     Message,
     MessageError,
     Outbox,
@@ -22,19 +21,40 @@ from outbox import (
 from outbox.transaction import CREATED_AT_HEADER, message_created_at
 
 
-class CapturingDelivery:
-    """A DeliveryAdapter that records what it was given and runs the work itself."""
+class CapturingTicket:
+    """Writes nothing (the session is bound to no database) and records the outcome."""
+
+    statements: tuple[Any, ...] = ()
 
     def __init__(self) -> None:
-        self.sent: list[tuple[Message, LocalWork]] = []
+        self.outcome: str | None = None
 
-    def send(self, outbox: Outbox, message: Message, work: LocalWork) -> Any:
-        self.sent.append((message, work))
-        work.run(SESSION)  # type: ignore[arg-type]
-        return work.outcome()
+    def before_commit(self) -> None:
+        pass
+
+    def committed(self) -> None:
+        self.outcome = "committed"
+
+    def rolled_back(self) -> None:
+        self.outcome = "rolled back"
+
+    def unknown(self) -> BaseException | None:
+        return None
+
+    def duplicate(self) -> BaseException:
+        raise AssertionError("nothing is written")
 
 
-SESSION = object()
+class CapturingDelivery:
+    """A DeliveryAdapter that records the messages it was given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Message, CapturingTicket]] = []
+
+    def prepare(self, outbox: Outbox, message: Message) -> CapturingTicket:
+        ticket = CapturingTicket()
+        self.sent.append((message, ticket))
+        return ticket
 
 
 @pytest.fixture
@@ -65,8 +85,10 @@ def test_message_is_built_from_the_call_arguments(ob: Outbox, delivery: Capturin
     before = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     assert transfer(7, 1, amount=decimal.Decimal("10.25")) == "done 7"
 
-    [(message, work)] = delivery.sent
-    assert calls == [(SESSION, 7, 1, decimal.Decimal("10.25"), "")]
+    [(message, ticket)] = delivery.sent
+    [(session, *arguments)] = calls
+    assert isinstance(session, Session)
+    assert arguments == [7, 1, decimal.Decimal("10.25"), ""]
     assert message.topic == "transfers"
     assert message.id == "tx-7"
     assert message.key == "1"  # an int key becomes text
@@ -75,7 +97,7 @@ def test_message_is_built_from_the_call_arguments(ob: Outbox, delivery: Capturin
     assert message.headers["source"] == "bank1"
     created = message_created_at(message)
     assert created is not None and before <= created <= before + dt.timedelta(seconds=5)
-    assert isinstance(work, LocalWork) and work.ran
+    assert ticket.outcome == "committed"
 
 
 def test_default_payload_is_the_arguments_by_name_with_defaults(

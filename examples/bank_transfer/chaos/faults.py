@@ -138,9 +138,9 @@ class CrashingProducer(RocketMQTransactionalProducer):
     """The half-message adapter with crash points before and after the half send
     and around the end-transaction call (commit or rollback of the half message)."""
 
-    def send(self, outbox: Any, message: Message, work: Any) -> Any:
+    def prepare(self, outbox: Any, message: Message) -> Any:
         FAULTS.maybe_crash("before_half_send")
-        return super().send(outbox, message, work)
+        return super().prepare(outbox, message)
 
     def _started(self) -> Any:
         return _CrashingClient(super()._started())

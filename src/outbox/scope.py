@@ -1,0 +1,369 @@
+"""The local transaction that messages join, written once for every way of calling.
+
+A :class:`Scope` is one database transaction and the messages attached to it. The
+decorator opens one around the user's function, the idempotent consumer opens one
+around a handler, and ``Outbox.send(session, ...)`` attaches to the caller's own
+session. A decorated function called while a scope is open (a nested call, or a
+call from a handler) joins it: one commit, all messages.
+
+A delivery adapter turns a message into a :class:`Ticket`: the statements that make
+it durable inside the transaction, and what to do before and after the commit. The
+scope decides what an outcome means; the sync and asyncio drivers (``app.py`` and
+``aio/app.py``) only execute its steps.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Executable, Table, event
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, SessionTransaction
+
+from .errors import MisuseError, TransactionOutcomeUnknown
+import structlog
+
+log = structlog.get_logger("outbox")
+
+#: ``session.info`` keys: who owns the session while user code runs, what the user
+#: code did wrong with it, and the scope attached to a caller-owned session.
+GUARD_KEY = "outbox.guard"
+MISUSE_KEY = "outbox.misuse"
+SCOPE_KEY = "outbox.scope"
+
+
+class Ticket(Protocol):
+    """One message in one transaction, as its delivery adapter handles it.
+
+    ``statements`` are written inside the transaction (the outbox row, or the
+    transaction-log row of a half message). ``before_commit`` may raise to refuse
+    the commit. ``committed`` and ``rolled_back`` follow the outcome and must not
+    block an event loop (an asyncio adapter schedules its work). ``unknown`` is
+    called when the COMMIT itself failed midway and returns the error the caller
+    gets, or None for the database's own error.
+    """
+
+    statements: Sequence[Executable]
+
+    def before_commit(self) -> None: ...
+
+    def committed(self) -> None: ...
+
+    def rolled_back(self) -> None: ...
+
+    def unknown(self) -> BaseException | None: ...
+
+    def duplicate(self) -> BaseException:
+        """The error for a record refused as a duplicate (its message id was used)."""
+        ...
+
+
+_CURRENT: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
+    "outbox_scope", default=None)
+
+
+def current_scope() -> Scope | None:
+    """The scope whose user code is running in this context, if any."""
+    return _CURRENT.get()
+
+
+class Scope:
+    """One local transaction and the tickets of the messages that joined it.
+
+    ``owned`` scopes are opened and committed by the framework, which refuses the
+    user code's own commit, rollback or close of the session. A caller-owned scope
+    (``Outbox.send`` on the caller's session) follows the session's commit through
+    session events.
+    """
+
+    __slots__ = ("_committing", "_savepoints", "owned", "owner", "session", "tickets", "url",
+                 "user_session")
+
+    def __init__(self, session: Session, user_session: Any, *, url: URL, owner: str,
+                 owned: bool) -> None:
+        self.session = session          # the sync Session (an AsyncSession's sync_session)
+        self.user_session = user_session  # what user code is given
+        self.url = url
+        self.owner = owner
+        self.owned = owned
+        self.tickets: list[Ticket] = []
+        self._savepoints: list[SessionTransaction | None] = []
+        self._committing = False
+        session.info[SCOPE_KEY] = self
+
+    @property
+    def is_async(self) -> bool:
+        return self.user_session is not self.session
+
+    # -- user code -------------------------------------------------------------------
+
+    @contextmanager
+    def user_code(self) -> Iterator[None]:
+        """While user code runs: nested calls join this scope, and the session refuses
+        commit, rollback and close."""
+        info = self.session.info
+        info[GUARD_KEY] = self.owner
+        token = _CURRENT.set(self)
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
+            info.pop(GUARD_KEY, None)
+
+    def check_join(self, url: URL, is_async: bool, what: str) -> None:
+        """Refuse a nested call that cannot join this transaction."""
+        if is_async != self.is_async:
+            kind = "an async" if is_async else "a sync"
+            raise MisuseError(
+                f"{what} is {kind} call inside {'an async' if self.is_async else 'a sync'} "
+                f"transaction of {self.owner}; it cannot join it, and running on its own "
+                "would commit apart from the outer work. Use the same model for both"
+            )
+        if url != self.url:
+            raise MisuseError(
+                f"{what} writes to another database than the open transaction of "
+                f"{self.owner}; it cannot join it, and committing on its own would leave its "
+                "message behind if the outer work rolls back. Call it after the outer commit"
+            )
+
+    # -- the messages ----------------------------------------------------------------
+
+    def attach(self, ticket: Ticket) -> Sequence[Executable]:
+        """Add ``ticket``; returns the statements the driver writes now."""
+        self.tickets.append(ticket)
+        # A ticket written inside a savepoint goes if that savepoint rolls back.
+        self._savepoints.append(self.session.get_nested_transaction())
+        return ticket.statements
+
+    def detach(self, ticket: Ticket) -> None:
+        """Take back a ticket whose record could not be written."""
+        for i, t in enumerate(self.tickets):
+            if t is ticket:
+                del self.tickets[i]
+                del self._savepoints[i]
+                _quietly(ticket.rolled_back)
+                return
+
+    def savepoint_rolled_back(self, savepoint: SessionTransaction) -> None:
+        """Roll back the tickets written inside ``savepoint`` (or a savepoint in it)."""
+        keep: list[Ticket] = []
+        keep_sp: list[SessionTransaction | None] = []
+        for ticket, sp in zip(self.tickets, self._savepoints, strict=True):
+            t = sp
+            while t is not None and t is not savepoint:
+                t = t.parent
+            if t is None:
+                keep.append(ticket)
+                keep_sp.append(sp)
+            else:
+                _quietly(ticket.rolled_back)
+        self.tickets, self._savepoints = keep, keep_sp
+
+    def before_commit(self) -> None:
+        misuse = self.session.info.pop(MISUSE_KEY, None)
+        if misuse is not None:
+            raise MisuseError(
+                f"{self.owner} called session.{misuse} although the framework owns the "
+                "session; nothing of the call was committed"
+            )
+        for ticket in self.tickets:
+            ticket.before_commit()
+        self._committing = True
+
+    def _take(self) -> list[Ticket]:
+        tickets, self.tickets, self._savepoints = self.tickets, [], []
+        self._committing = False
+        return tickets
+
+    def committed(self) -> None:
+        for ticket in self._take():
+            _quietly(ticket.committed)
+
+    def rolled_back(self) -> None:
+        for ticket in self._take():
+            _quietly(ticket.rolled_back)
+
+    def failed(self, exc: BaseException) -> BaseException:
+        """The transaction did not commit: what the caller gets."""
+        self.session.info.pop(MISUSE_KEY, None)
+        if self._committing and isinstance(exc, SQLAlchemyError):
+            # The COMMIT itself failed: it may or may not have reached the disk.
+            errors = [e for e in (t.unknown() for t in self._take()) if e is not None]
+            return errors[0] if errors else exc
+        self.rolled_back()
+        return exc
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    # After the outcome is durable, a follow-up that fails (a lost end-transaction
+    # call, say) is settled by the broker's check-back or a guard row: never raise.
+    try:
+        fn()
+    except Exception as exc:
+        log.warning("outbox_after_outcome_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def outcome_unknown(message_id: str) -> TransactionOutcomeUnknown:
+    return TransactionOutcomeUnknown(
+        f"the commit of message {message_id}'s local transaction failed midway; the "
+        "broker's check-back will deliver or drop the message to match what the "
+        "database holds"
+    )
+
+
+# -- the sync driver ------------------------------------------------------------------
+
+R = TypeVar("R")
+
+
+def run_owned(
+    session_factory: Callable[[], Session], *, identity: URL, owner: str, ticket: Ticket,
+    lock: Executable | None, work: Callable[[Session], R],
+    explain: Callable[[BaseException], BaseException],
+) -> R:
+    """Open, lock, run the user code, write the ticket's record, commit; then follow up.
+
+    The one sync sequence of a transaction the framework owns (``aio/app.py`` awaits the
+    same steps). ``ticket`` was prepared before (a half message is already sent).
+    """
+    with session_factory() as session:
+        scope = Scope(session, session, url=identity, owner=owner, owned=True)
+        records = scope.attach(ticket)
+        try:
+            with session.begin():
+                if lock is not None:
+                    session.execute(lock)
+                with scope.user_code():
+                    result = work(session)
+                write_records(session, records, ticket)
+                scope.before_commit()
+        except BaseException as exc:
+            error = explain(scope.failed(exc))
+            if error is exc:
+                raise
+            # A missing-table explanation hides the driver's text (it may quote the URL).
+            raise error from (exc if isinstance(error, TransactionOutcomeUnknown) else None)
+    scope.committed()
+    return result
+
+
+def write_records(session: Session, statements: Sequence[Executable], ticket: Ticket) -> None:
+    """Write a ticket's durable record; a reused message id is a DuplicateMessageError."""
+    try:
+        for statement in statements:
+            session.execute(statement)
+    except IntegrityError:
+        raise ticket.duplicate() from None
+
+
+# -- the session the framework owns ----------------------------------------------------
+
+
+def _refuse(session: Session, what: str) -> None:
+    owner = session.info.get(GUARD_KEY)
+    if owner is not None:
+        session.info[MISUSE_KEY] = what
+        raise MisuseError(
+            f"{owner} must not call session.{what}: the framework commits when it returns, "
+            "together with its messages, and rolls back when it raises. Nothing of this "
+            "call is committed"
+        )
+
+
+class _Guard:
+    """Mixed into the Session class of the framework's sessions."""
+
+    def commit(self) -> None:
+        _refuse(self, "commit()")  # type: ignore[arg-type]
+        super().commit()  # type: ignore[misc]
+
+    def rollback(self) -> None:
+        _refuse(self, "rollback()")  # type: ignore[arg-type]
+        super().rollback()  # type: ignore[misc]
+
+    def close(self) -> None:
+        _refuse(self, "close()")  # type: ignore[arg-type]
+        super().close()  # type: ignore[misc]
+
+
+class GuardedSession(_Guard, Session):
+    """A Session that refuses commit, rollback and close while user code runs in a
+    transaction the framework owns."""
+
+
+_guarded: dict[type[Session], type[Session]] = {}
+
+
+def guarded_class(cls: type[Session]) -> type[Session]:
+    """``cls`` with the guard mixed in (a user's own Session subclass keeps its methods)."""
+    if issubclass(cls, _Guard):
+        return cls
+    found = _guarded.get(cls)
+    if found is None:
+        found = GuardedSession if cls is Session else type(
+            f"Guarded{cls.__name__}", (_Guard, cls), {})
+        event.listen(found, "after_soft_rollback", _after_soft_rollback)
+        _guarded[cls] = found
+    return found
+
+
+# -- following a session's outcome through its events --------------------------------
+
+
+def caller_scope(session: Session, user_session: Any, identity: URL) -> Scope:
+    """The scope of a session the caller owns and commits: its events drive the tickets."""
+    scope = Scope(session, user_session, url=identity, owner="the caller", owned=False)
+    event.listen(session, "before_commit", _before_commit)
+    event.listen(session, "after_commit", _after_commit)
+    event.listen(session, "after_transaction_end", _after_transaction_end)
+    event.listen(session, "after_soft_rollback", _after_soft_rollback)
+    return scope
+
+
+def _scope(session: Session) -> Scope | None:
+    scope = session.info.get(SCOPE_KEY)
+    return scope if isinstance(scope, Scope) and scope.tickets else None
+
+
+def _before_commit(session: Session) -> None:
+    scope = _scope(session)
+    if scope is not None:
+        scope.before_commit()
+
+
+def _after_commit(session: Session) -> None:
+    scope = _scope(session)
+    if scope is not None:
+        scope.committed()
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    scope = _scope(session)
+    if scope is not None and transaction.parent is None:
+        scope.rolled_back()  # the root ended without a commit: rollback, close, error
+
+
+def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
+    scope = _scope(session)
+    if scope is not None and previous.nested:
+        scope.savepoint_rolled_back(previous)
+
+
+# -- SQLite's single writer ----------------------------------------------------------
+
+
+def write_lock_statement(dialect: str, table: Table) -> Executable | None:
+    """On SQLite, a no-op UPDATE that takes the write lock as the first statement.
+
+    SQLite's Python drivers begin a transaction only at the first write, so reads
+    before it see no consistent snapshot; this makes the whole transaction one
+    serialized write transaction. Other databases lock rows instead.
+    """
+    if dialect != "sqlite":
+        return None
+    col = next(iter(table.primary_key.columns))
+    return table.update().where(col.is_(None)).values({col.name: col})
