@@ -3,12 +3,21 @@ service applies every message exactly once.
 
 Start with :class:`Outbox` and :func:`transactional_message` on the producing
 side, :class:`Relay` to publish, and :class:`IdempotentConsumer` on the
-receiving side. :mod:`outbox.testing` has an in-memory broker for unit tests.
+receiving side; their asyncio forms are :class:`AsyncOutbox`, :class:`AsyncRelay`
+and :class:`AsyncIdempotentConsumer` (see :mod:`outbox.aio`). :mod:`outbox.testing` has an in-memory broker for unit tests.
 """
 
+from .aio import AsyncIdempotentConsumer, AsyncOutbox, AsyncRelay, create_async_engine
 from .app import DeliveryAdapter, LocalOutbox, Outbox, transactional_message
 from .codec import JsonCodec
-from .consumer import ConsumerConfig, ConsumerStats, IdempotentConsumer, ReceivedMessage, Reject
+from .consumer import (
+    ConsumerConfig,
+    ConsumerStats,
+    IdempotentConsumer,
+    Outcome,
+    ReceivedMessage,
+    Reject,
+)
 from .db import create_engine
 from .errors import (
     BrokerUnavailableError,
@@ -16,6 +25,7 @@ from .errors import (
     DecodeError,
     DuplicateMessageError,
     MessageError,
+    MisuseError,
     OutboxError,
     PublishError,
     TransactionOutcomeUnknown,
@@ -24,6 +34,7 @@ from .errors import (
 from .message import Message, TransactionState
 from .relay import BatchResult, Relay, RelayConfig
 from .schema import metadata
+from .scope import Ticket
 from .sql_transport import SqlTransport
 from .transaction import LocalWork, SqlAlchemyTransactionListener
 from .transport import Delivery
@@ -31,6 +42,9 @@ from .transport import Delivery
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncIdempotentConsumer",
+    "AsyncOutbox",
+    "AsyncRelay",
     "BatchResult",
     "BrokerUnavailableError",
     "ConfigurationError",
@@ -46,8 +60,10 @@ __all__ = [
     "LocalWork",
     "Message",
     "MessageError",
+    "MisuseError",
     "Outbox",
     "OutboxError",
+    "Outcome",
     "PublishError",
     "ReceivedMessage",
     "Reject",
@@ -55,9 +71,11 @@ __all__ = [
     "RelayConfig",
     "SqlAlchemyTransactionListener",
     "SqlTransport",
+    "Ticket",
     "TransactionOutcomeUnknown",
     "TransactionRolledBack",
     "TransactionState",
+    "create_async_engine",
     "create_engine",
     "metadata",
     "transactional_message",

@@ -173,6 +173,26 @@ class BaseOutbox:
                              message_id=RANDOM_ID if message_id is None else message_id,
                              tag=tag, headers=headers)
 
+    def _scope_for(self, session: Session, user_session: Any, what: str) -> Scope:
+        """The scope a message sent on ``session`` joins: the framework's open one, or
+        the caller's own session's (whose commit it then follows)."""
+        is_async = user_session is not session
+        active = current_scope()
+        if active is not None and active.session is session:
+            active.check_join(self.identity, is_async, what)
+            return active
+        found = session.info.get(SCOPE_KEY)
+        if isinstance(found, Scope):
+            return found
+        bind = session.get_bind()
+        url = bind.engine.url if isinstance(bind, Connection) else bind.url
+        if database_identity(url) != self.identity:
+            raise MisuseError(
+                f"{what} got a session of {safe_url(url)}, but this outbox writes to "
+                f"{safe_url(self.url)}; send on a session of the outbox's own database"
+            )
+        return caller_scope(session, user_session, self.identity)
+
     def _register(self, topic: str) -> None:
         if isinstance(self.delivery, TopicRegistry):
             self.delivery.register(topic, self)
@@ -261,27 +281,10 @@ class Outbox(BaseOutbox):
             )
         message = self.message(topic=topic, payload=payload, key=key, message_id=message_id,
                                tag=tag, headers=headers)
-        scope = self._scope_of(session)
+        scope = self._scope_for(session, session, "Outbox.send")
         self._register(topic)
         self._join(scope, message, session)
         return message
-
-    def _scope_of(self, session: Session) -> Scope:
-        active = current_scope()
-        if active is not None and active.session is session:
-            active.check_join(self.identity, False, "Outbox.send")
-            return active
-        found = session.info.get(SCOPE_KEY)
-        if isinstance(found, Scope):
-            return found
-        bind = session.get_bind()
-        url = bind.engine.url if isinstance(bind, Connection) else bind.url
-        if database_identity(url) != self.identity:
-            raise MisuseError(
-                f"Outbox.send got a session of {safe_url(url)}, but this outbox writes to "
-                f"{safe_url(self.url)}; send on a session of the outbox's own database"
-            )
-        return caller_scope(session, session, self.identity)
 
     def _join(self, scope: Scope, message: Message, session: Session) -> None:
         """Attach ``message`` to an open transaction and write its record now."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+import inspect
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -9,16 +11,18 @@ from typing import Any
 
 import structlog
 import tenacity
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Executable
+from sqlalchemy import inspect as inspect_db
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .codec import JsonCodec
-from .db import insert_ignore
-from .errors import ConfigurationError, DecodeError
+from .db import insert_ignore, safe_url
+from .errors import ConfigurationError, DecodeError, MisuseError
 from .relay import delay_for, exponential_backoff
 from .schema import inbox, utcnow
+from .scope import guarded_class, run_owned
 from .transport import Delivery
 from .typing import Codec, Subscriber
 
@@ -85,11 +89,40 @@ class ConsumerStats:
     retried: int = 0
     dead_lettered: int = 0
 
+    def count(self, outcome: str) -> None:
+        if outcome == "processed":
+            self.processed += 1
+        elif outcome == "duplicate":
+            self.duplicates += 1
+        elif outcome == "retried":
+            self.retried += 1
+        else:
+            self.dead_lettered += 1
+
     def add(self, other: ConsumerStats) -> None:
         self.processed += other.processed
         self.duplicates += other.duplicates
         self.retried += other.retried
         self.dead_lettered += other.dead_lettered
+
+
+class Outcome(enum.StrEnum):
+    """What became of one delivery."""
+
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    RETRIED = "retried"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to tell the subscriber about a delivery, and why."""
+
+    outcome: Outcome
+    reason: str | None = None
+    delay: float = 0.0
+    event: str = ""
 
 
 def _transient(exc: BaseException) -> bool:
@@ -103,6 +136,100 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_REASON_LENGTH]
 
 
+class ConsumerPolicy:
+    """The consumer's decisions, with no I/O: the sync and asyncio consumers act on them."""
+
+    def __init__(self, group: str, codec: Codec, config: ConsumerConfig) -> None:
+        self.group = group
+        self.codec = codec
+        self.config = config
+
+    def fields(self, delivery: Delivery) -> dict[str, Any]:
+        return {"message_id": delivery.message_id, "topic": delivery.topic,
+                "key": delivery.key, "group": self.group, "attempt": delivery.attempt}
+
+    def accept(self, delivery: Delivery) -> ReceivedMessage | Decision:
+        """The message to hand to the handler, or why it must be dead-lettered now."""
+        try:
+            message = delivery.to_message()
+            body = self.codec.decode(message.payload)
+        except DecodeError as exc:
+            return self.dead(f"undecodable message: {exc}")
+        if delivery.attempt > self.config.delivery_limit:
+            return self.dead(
+                f"gave up after {delivery.attempt - 1} deliveries without acknowledgement")
+        return ReceivedMessage(
+            id=message.id, topic=message.topic, body=body, payload=message.payload,
+            key=message.key, tag=message.tag, headers=message.headers, attempt=delivery.attempt,
+        )
+
+    def dead(self, reason: str) -> Decision:
+        return Decision(Outcome.DEAD, reason[:MAX_REASON_LENGTH], event="consumer_dead_lettered")
+
+    def inbox_insert(self, dialect_bind: Any, message_id: str) -> Executable:
+        # Without preserve_rowcount SQLAlchemy may report -1 for an INSERT (it does on
+        # psycopg), and every message would pass for a duplicate.
+        return insert_ignore(dialect_bind, inbox).values(
+            consumer_group=self.group, message_id=message_id, processed_at=utcnow()
+        ).execution_options(preserve_rowcount=True)
+
+    @staticmethod
+    def inserted(rowcount: int) -> bool:
+        if rowcount not in (0, 1):
+            # Never guess: a wrong guess would drop the message as a duplicate.
+            raise RuntimeError(f"inbox INSERT reported {rowcount} rows; expected 0 or 1")
+        return rowcount == 1
+
+    def succeeded(self, handled: bool) -> Decision:
+        if handled:
+            return Decision(Outcome.PROCESSED, event="consumer_processed")
+        return Decision(Outcome.DUPLICATE, event="consumer_duplicate_ignored")
+
+    def failed(self, exc: BaseException, attempt: int) -> Decision:
+        """A handler (or database) failure: retry with backoff, or dead-letter."""
+        if isinstance(exc, Reject):
+            return self.dead(f"rejected by handler: {exc}")
+        reason = _reason(exc)
+        transient = _transient(exc)
+        cfg = self.config
+        if attempt >= (cfg.delivery_limit if transient else cfg.max_attempts):
+            return self.dead(f"handler failed {attempt} times: {reason}")
+        event = "consumer_database_unavailable" if transient else "consumer_handler_failed"
+        return Decision(Outcome.RETRIED, reason, delay_for(cfg.backoff, attempt), event)
+
+    @staticmethod
+    def verdict(decision: Decision) -> tuple[str, tuple[Any, ...]]:
+        """The subscriber method that carries out ``decision``, with its arguments."""
+        if decision.outcome is Outcome.DEAD:
+            return "dead_letter", (decision.reason or "",)
+        if decision.outcome is Outcome.RETRIED:
+            return "retry", (decision.delay, decision.reason or "")
+        return "ack", ()
+
+    def report(self, decision: Decision, delivery: Delivery) -> None:
+        fields = self.fields(delivery)
+        if decision.outcome is Outcome.DEAD:
+            log.error(decision.event, reason=decision.reason, **fields)
+        elif decision.outcome is Outcome.RETRIED:
+            log.warning(decision.event, error=decision.reason,
+                        retry_in=round(decision.delay, 3), **fields)
+        else:
+            log.info(decision.event, **fields)
+
+
+def inbox_missing(url: Any, existing: set[str]) -> ConfigurationError | None:
+    """The error for a consumer database without the inbox table (a setup mistake,
+    not an outage: nothing is retried or dead-lettered for it)."""
+    if inbox.name in existing:
+        return None
+    return ConfigurationError(
+        f"table {inbox.name} is missing in {safe_url(url)}, so the consumer cannot record "
+        "what it processed; create the tables with  outbox migrate --db URL  (or alembic "
+        "upgrade outbox@head, or outbox.metadata.create_all(engine)); nothing was "
+        "acknowledged or dead-lettered"
+    )
+
+
 class IdempotentConsumer:
     """Applies each message of ``subscriber`` once to the consumer's own database.
 
@@ -112,6 +239,12 @@ class IdempotentConsumer:
     the handler. A handler error rolls back and the delivery is retried with
     backoff; after ``max_attempts`` it is dead-lettered with the error. A payload
     that cannot be decoded is dead-lettered at once with the reason.
+
+    The handler may send messages in the same transaction (``outbox.send(session,
+    ...)`` or a decorated function of an :class:`~outbox.Outbox` on the same
+    database, which joins it): they commit with the inbox row, and a redelivery
+    whose handler already committed sends nothing again. The handler must not
+    commit, roll back or close the session.
     """
 
     def __init__(
@@ -126,102 +259,91 @@ class IdempotentConsumer:
     ) -> None:
         if not group or len(group) > 200:
             raise ConfigurationError("consumer group must be 1 to 200 characters")
-        self.session_factory = (
-            sessionmaker(bind, expire_on_commit=False) if isinstance(bind, Engine) else bind
-        )
+        if isinstance(bind, Engine):
+            self.session_factory = sessionmaker(bind, class_=guarded_class(Session),
+                                                expire_on_commit=False)
+        elif isinstance(bind, sessionmaker):
+            self.session_factory = sessionmaker(class_=guarded_class(bind.class_), **bind.kw)
+        else:
+            raise ConfigurationError(
+                f"IdempotentConsumer needs a SQLAlchemy Engine or sessionmaker, got "
+                f"{type(bind).__name__} (for an AsyncEngine use AsyncIdempotentConsumer)")
+        if inspect.iscoroutinefunction(handler):
+            raise MisuseError(
+                "the handler is an async def; IdempotentConsumer runs sync handlers. Use "
+                "AsyncIdempotentConsumer with an AsyncEngine and an async subscriber")
+        self.engine: Engine = self.session_factory.kw["bind"]
         self.subscriber = subscriber
         self.group = group
         self.handler = handler
         self.codec: Codec = codec or JsonCodec()
         self.config = config or ConsumerConfig()
+        self.policy = ConsumerPolicy(group, self.codec, self.config)
+        self.identity = self.engine.url.set(drivername=self.engine.url.get_backend_name())
         self.stats = ConsumerStats()
         self._stop = threading.Event()
 
-    def handle(self, delivery: Delivery) -> str:
-        """Process one delivery; returns "processed", "duplicate", "retried" or "dead"."""
-        fields = {"message_id": delivery.message_id, "topic": delivery.topic,
-                  "key": delivery.key, "group": self.group, "attempt": delivery.attempt}
-        try:
-            message = delivery.to_message()
-            body = self.codec.decode(message.payload)
-        except DecodeError as exc:
-            return self._dead(delivery, f"undecodable message: {exc}", fields)
-        if delivery.attempt > self.config.delivery_limit:
-            return self._dead(
-                delivery,
-                f"gave up after {delivery.attempt - 1} deliveries without acknowledgement",
-                fields,
-            )
-        received = ReceivedMessage(
-            id=message.id, topic=message.topic, body=body, payload=message.payload,
-            key=message.key, tag=message.tag, headers=message.headers, attempt=delivery.attempt,
-        )
-        try:
-            with self.session_factory() as session, session.begin():
-                conn = session.connection()
-                # Without preserve_rowcount SQLAlchemy may report -1 for an INSERT
-                # (it does on psycopg), and every message would pass for a duplicate.
-                inserted = conn.execute(
-                    insert_ignore(conn, inbox).values(
-                        consumer_group=self.group, message_id=message.id, processed_at=utcnow()
-                    ).execution_options(preserve_rowcount=True)
-                ).rowcount
-                if inserted not in (0, 1):
-                    # Never guess: a wrong guess would drop the message as a duplicate.
-                    raise RuntimeError(f"inbox INSERT reported {inserted} rows; expected 0 or 1")
-                if inserted == 1:
-                    self.handler(session, received)
-        except Reject as exc:
-            return self._dead(delivery, f"rejected by handler: {exc}", fields)
-        except Exception as exc:
-            reason = _reason(exc)
-            transient = _transient(exc)
-            if delivery.attempt >= (self.config.delivery_limit if transient
-                                    else self.config.max_attempts):
-                return self._dead(delivery, f"handler failed {delivery.attempt} times: {reason}",
-                                  fields)
-            delay = delay_for(self.config.backoff, delivery.attempt)
-            self.subscriber.retry(delivery, delay, reason)
-            event = "consumer_database_unavailable" if transient else "consumer_handler_failed"
-            log.warning(event, error=reason, retry_in=round(delay, 3), **fields)
-            return "retried"
-        self.subscriber.ack(delivery)
-        if inserted == 1:
-            log.info("consumer_processed", **fields)
-            return "processed"
-        log.info("consumer_duplicate_ignored", **fields)
-        return "duplicate"
+    def handle(self, delivery: Delivery) -> Outcome:
+        """Process one delivery and tell the subscriber; returns what became of it."""
+        policy = self.policy
+        decision = policy.accept(delivery)
+        if isinstance(decision, ReceivedMessage):
+            try:
+                decision = policy.succeeded(self._apply(decision))
+            except ConfigurationError:
+                raise
+            except Exception as exc:
+                decision = policy.failed(exc, delivery.attempt)
+        action, args = policy.verdict(decision)
+        getattr(self.subscriber, action)(delivery, *args)
+        policy.report(decision, delivery)
+        return decision.outcome
 
-    def _dead(self, delivery: Delivery, reason: str, fields: dict[str, Any]) -> str:
-        self.subscriber.dead_letter(delivery, reason[:MAX_REASON_LENGTH])
-        log.error("consumer_dead_lettered", reason=reason[:MAX_REASON_LENGTH], **fields)
-        return "dead"
+    def _apply(self, received: ReceivedMessage) -> bool:
+        """The inbox row and the handler in one transaction; False for a duplicate."""
+
+        def work(session: Session) -> bool:
+            conn = session.connection()
+            rowcount = conn.execute(self.policy.inbox_insert(conn, received.id)).rowcount
+            if not self.policy.inserted(rowcount):
+                return False
+            self.handler(session, received)
+            return True
+
+        return run_owned(
+            self.session_factory, identity=self.identity,
+            owner=f"the handler of consumer group {self.group!r}", ticket=None, lock=None,
+            work=work, explain=self._explain,
+        )
+
+    def _explain(self, exc: BaseException) -> BaseException:
+        if not isinstance(exc, DBAPIError):
+            return exc
+        try:
+            existing = set(inspect_db(self.engine).get_table_names())
+        except DBAPIError:
+            return exc
+        return inbox_missing(self.engine.url, existing) or exc
 
     def run_once(self, wait_seconds: float | None = None) -> ConsumerStats:
         """Fetch one batch and handle it; returns what happened."""
         wait = self.config.wait_seconds if wait_seconds is None else wait_seconds
         stats = ConsumerStats()
         for delivery in self.subscriber.fetch(self.config.batch_size, wait):
-            outcome = self.handle(delivery)
-            if outcome == "processed":
-                stats.processed += 1
-            elif outcome == "duplicate":
-                stats.duplicates += 1
-            elif outcome == "retried":
-                stats.retried += 1
-            else:
-                stats.dead_lettered += 1
+            stats.count(self.handle(delivery))
         self.stats.add(stats)
         return stats
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Consume until ``stop`` (or :meth:`stop`) is set. Errors reaching the
         transport or the database are logged and retried, so the consumer outlives
-        a restart of either."""
+        a restart of either; a configuration error (a missing inbox table) ends it."""
         stop = stop or self._stop
         while not stop.is_set() and not self._stop.is_set():
             try:
                 self.run_once()
+            except ConfigurationError:
+                raise
             except Exception as exc:
                 log.error("consumer_batch_failed", error=_reason(exc), group=self.group)
                 stop.wait(1.0)

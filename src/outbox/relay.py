@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy import Engine
 
 from . import storage
 from .errors import ConfigurationError
+from .message import Message
 from .schema import NOTIFY_CHANNEL, utcnow
 from .typing import BatchPublisher, Publisher
 
@@ -79,8 +81,10 @@ def _error_text(exc: BaseException) -> str:
     return text[:MAX_ERROR_LENGTH]
 
 
-def _refuse_same_sqlite_file(engine: Engine, publisher: Publisher) -> None:
+def refuse_same_file(engine: Engine, publisher: object) -> None:
+    """Refuse a SQL transport inside the outbox's own SQLite file."""
     target = getattr(publisher, "engine", None)
+    target = getattr(target, "sync_engine", target)  # an AsyncEngine's own
     if not isinstance(target, Engine) or engine.dialect.name != "sqlite":
         return
     if target.dialect.name == "sqlite" and target.url.database == engine.url.database:
@@ -92,7 +96,98 @@ def _refuse_same_sqlite_file(engine: Engine, publisher: Publisher) -> None:
         )
 
 
-class Relay:
+class BatchPlan:
+    """One claimed batch's publishing, as decisions: which row may go next (a failed
+    row holds back the later rows of its key), and what a failure means (backoff, or
+    dead after ``max_attempts``). The sync and asyncio relays only publish."""
+
+    __slots__ = ("_blocked", "config", "failures", "now", "rows", "sent")
+
+    def __init__(self, rows: list[storage.ClaimedRow], config: RelayConfig,
+                 now: dt.datetime) -> None:
+        self.rows = rows
+        self.config = config
+        self.now = now
+        self.sent: list[int] = []
+        self.failures: list[storage.Failure] = []
+        self._blocked: set[str] = set()
+
+    def batch(self, publisher: object, batch_type: type) -> list[Message] | None:
+        """The whole batch for one ``publish_batch``, if the publisher can."""
+        if isinstance(publisher, batch_type) and len(self.rows) > 1:
+            return [r.message for r in self.rows]
+        return None
+
+    def batch_published(self) -> None:
+        self.sent = [r.seq for r in self.rows]
+
+    def batch_failed(self, exc: BaseException) -> None:
+        # Find the bad row one by one.
+        log.warning("relay_batch_publish_failed", error=_error_text(exc), count=len(self.rows))
+
+    def each(self) -> Iterator[storage.ClaimedRow]:
+        """The rows to publish one by one, in order, skipping keys that failed."""
+        for row in self.rows:
+            key = row.message.key
+            if key is None or key not in self._blocked:
+                yield row
+
+    def published(self, row: storage.ClaimedRow) -> None:
+        self.sent.append(row.seq)
+
+    def failed(self, row: storage.ClaimedRow, exc: BaseException) -> None:
+        attempts = row.attempts + 1
+        dead = attempts >= self.config.max_attempts
+        delay = delay_for(self.config.backoff, attempts)
+        error = _error_text(exc)
+        fields: dict[str, Any] = {**row.message.log_fields(), "attempts": attempts, "error": error}
+        if dead:
+            log.error("relay_message_dead", **fields)
+        else:
+            log.warning("relay_publish_failed", retry_in=round(delay, 3), **fields)
+        self.failures.append(storage.Failure(
+            seq=row.seq, attempts=attempts, next_attempt_at=self.now + dt.timedelta(seconds=delay),
+            error=error, dead=dead,
+        ))
+        if row.message.key is not None:
+            self._blocked.add(row.message.key)  # keep the key's order
+
+    def result(self) -> BatchResult:
+        if self.sent:
+            log.info("relay_published", count=len(self.sent))
+        dead = sum(1 for f in self.failures if f.dead)
+        return BatchResult(len(self.rows), len(self.sent), len(self.failures), dead)
+
+
+class RelayCore:
+    """What the sync :class:`Relay` and the asyncio ``AsyncRelay`` share: the
+    configuration, the batch decisions and when to purge or wait."""
+
+    def __init__(self, config: RelayConfig | None) -> None:
+        self.config = config or RelayConfig()
+        self._last_purge = 0.0
+
+    def plan(self, rows: list[storage.ClaimedRow], now: dt.datetime) -> BatchPlan:
+        return BatchPlan(rows, self.config, now)
+
+    def purge_due(self) -> bool:
+        if time.monotonic() - self._last_purge < self.config.purge_interval:
+            return False
+        self._last_purge = time.monotonic()
+        return True
+
+    def more_waiting(self, result: BatchResult) -> bool:
+        """A full batch: claim again at once instead of waiting for a nudge."""
+        return result.claimed >= self.config.batch_size
+
+    def purge_cutoff(self) -> dt.datetime:
+        return utcnow() - self.config.retention
+
+    def listens(self, dialect: str) -> bool:
+        return self.config.listen and dialect == "postgresql"
+
+
+class Relay(RelayCore):
     """Moves committed outbox rows of one database to a publisher.
 
     Several relays may run on one database at once: each claims rows with row
@@ -108,14 +203,21 @@ class Relay:
         *,
         wakeup: threading.Event | None = None,
     ) -> None:
-        _refuse_same_sqlite_file(engine, publisher)
+        if not isinstance(engine, Engine):
+            raise ConfigurationError(
+                f"Relay needs a sync Engine, got {type(engine).__name__}; use AsyncRelay for "
+                "an AsyncEngine")
+        refuse_same_file(engine, publisher)
+        if inspect.iscoroutinefunction(getattr(publisher, "publish", None)):
+            raise ConfigurationError(
+                f"{type(publisher).__name__} is an asyncio publisher; use AsyncRelay with an "
+                "AsyncEngine, or a sync publisher here")
+        super().__init__(config)
         self.engine = engine
         self.publisher = publisher
-        self.config = config or RelayConfig()
         self.wakeup = wakeup or threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_purge = 0.0
 
     # -- one batch -------------------------------------------------------------
 
@@ -127,64 +229,35 @@ class Relay:
             rows = storage.claim(conn, cfg.batch_size, now)
             if not rows:
                 return BatchResult()
-            sent, failures = self._publish(rows, now)
-            storage.mark_sent(conn, sent, utcnow(), delete_sent=cfg.delete_sent)
-            storage.mark_failed(conn, failures)
-        dead = sum(1 for f in failures if f.dead)
-        if sent:
-            log.info("relay_published", count=len(sent))
-        return BatchResult(len(rows), len(sent), len(failures), dead)
+            plan = self.plan(rows, now)
+            self._publish(plan)
+            storage.mark_sent(conn, plan.sent, utcnow(), delete_sent=cfg.delete_sent)
+            storage.mark_failed(conn, plan.failures)
+        return plan.result()
 
-    def _publish(
-        self, rows: list[storage.ClaimedRow], now: dt.datetime
-    ) -> tuple[list[int], list[storage.Failure]]:
-        if isinstance(self.publisher, BatchPublisher) and len(rows) > 1:
+    def _publish(self, plan: BatchPlan) -> None:
+        batch = plan.batch(self.publisher, BatchPublisher)
+        if batch is not None:
             try:
-                self.publisher.publish_batch([r.message for r in rows])
-            except Exception as exc:  # find the bad row one by one below
-                log.warning("relay_batch_publish_failed", error=_error_text(exc), count=len(rows))
-            else:
-                return [r.seq for r in rows], []
-        sent: list[int] = []
-        failures: list[storage.Failure] = []
-        blocked_keys: set[str] = set()
-        for row in rows:
-            msg = row.message
-            if msg.key is not None and msg.key in blocked_keys:
-                continue  # an earlier message with this key failed: keep the order
-            try:
-                self.publisher.publish(msg)
+                self.publisher.publish_batch(batch)  # type: ignore[attr-defined]
             except Exception as exc:
-                failures.append(self._failure(row, exc, now))
-                if msg.key is not None:
-                    blocked_keys.add(msg.key)
+                plan.batch_failed(exc)
             else:
-                sent.append(row.seq)
-        return sent, failures
-
-    def _failure(
-        self, row: storage.ClaimedRow, exc: BaseException, now: dt.datetime
-    ) -> storage.Failure:
-        attempts = row.attempts + 1
-        dead = attempts >= self.config.max_attempts
-        delay = delay_for(self.config.backoff, attempts)
-        error = _error_text(exc)
-        fields: dict[str, Any] = {**row.message.log_fields(), "attempts": attempts, "error": error}
-        if dead:
-            log.error("relay_message_dead", **fields)
-        else:
-            log.warning("relay_publish_failed", retry_in=round(delay, 3), **fields)
-        return storage.Failure(
-            seq=row.seq, attempts=attempts, next_attempt_at=now + dt.timedelta(seconds=delay),
-            error=error, dead=dead,
-        )
+                return plan.batch_published()
+        for row in plan.each():
+            try:
+                self.publisher.publish(row.message)
+            except Exception as exc:
+                plan.failed(row, exc)
+            else:
+                plan.published(row)
 
     # -- maintenance -----------------------------------------------------------
 
     def purge(self) -> int:
         """Delete sent rows older than the retention, in bounded batches."""
         total = 0
-        cutoff = utcnow() - self.config.retention
+        cutoff = self.purge_cutoff()
         while True:
             with self.engine.begin() as conn:
                 n = storage.purge(conn, sent_before=cutoff, batch_size=self.config.purge_batch_size)
@@ -215,21 +288,20 @@ class Relay:
         server does not end the relay."""
         stop = stop or self._stop
         cfg = self.config
-        if cfg.listen and self.engine.dialect.name == "postgresql":
+        if self.listens(self.engine.dialect.name):
             threading.Thread(target=self._listen, args=(stop,), name="outbox-relay-listen",
                              daemon=True).start()
         while not stop.is_set() and not self._stop.is_set():
             try:
                 result = self.run_once()
-                if time.monotonic() - self._last_purge >= cfg.purge_interval:
-                    self._last_purge = time.monotonic()
+                if self.purge_due():
                     self.purge()
             except Exception as exc:
                 log.error("relay_batch_failed", error=_error_text(exc))
                 result = BatchResult()
                 stop.wait(cfg.poll_interval)
-            if result.claimed >= cfg.batch_size:
-                continue  # more may be waiting
+            if self.more_waiting(result):
+                continue
             self.wakeup.wait(cfg.poll_interval)
             self.wakeup.clear()
 
@@ -285,4 +357,7 @@ class Relay:
         return total
 
 
-__all__ = ["BatchResult", "Relay", "RelayConfig", "delay_for", "exponential_backoff"]
+__all__ = [
+    "BatchPlan", "BatchResult", "Relay", "RelayConfig", "RelayCore", "delay_for",
+    "exponential_backoff",
+]

@@ -15,6 +15,7 @@ scope decides what an outcome means; the sync and asyncio drivers (``app.py`` an
 from __future__ import annotations
 
 import contextvars
+from asyncio import CancelledError
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -190,8 +191,9 @@ class Scope:
     def failed(self, exc: BaseException) -> BaseException:
         """The transaction did not commit: what the caller gets."""
         self.session.info.pop(MISUSE_KEY, None)
-        if self._committing and isinstance(exc, SQLAlchemyError):
-            # The COMMIT itself failed: it may or may not have reached the disk.
+        if self._committing and isinstance(exc, SQLAlchemyError | CancelledError):
+            # The COMMIT itself failed (or was cancelled): it may or may not have
+            # reached the disk.
             errors = [e for e in (t.unknown() for t in self._take()) if e is not None]
             return errors[0] if errors else exc
         self.rolled_back()
@@ -221,25 +223,27 @@ R = TypeVar("R")
 
 
 def run_owned(
-    session_factory: Callable[[], Session], *, identity: URL, owner: str, ticket: Ticket,
-    lock: Executable | None, work: Callable[[Session], R],
+    session_factory: Callable[[], Session], *, identity: URL, owner: str,
+    ticket: Ticket | None, lock: Executable | None, work: Callable[[Session], R],
     explain: Callable[[BaseException], BaseException],
 ) -> R:
     """Open, lock, run the user code, write the ticket's record, commit; then follow up.
 
     The one sync sequence of a transaction the framework owns (``aio/app.py`` awaits the
-    same steps). ``ticket`` was prepared before (a half message is already sent).
+    same steps). ``ticket`` was prepared before (a half message is already sent); a
+    consumer's transaction has none of its own, only what its handler sends.
     """
     with session_factory() as session:
         scope = Scope(session, session, url=identity, owner=owner, owned=True)
-        records = scope.attach(ticket)
+        records = scope.attach(ticket) if ticket is not None else ()
         try:
             with session.begin():
                 if lock is not None:
                     session.execute(lock)
                 with scope.user_code():
                     result = work(session)
-                write_records(session, records, ticket)
+                if ticket is not None:
+                    write_records(session, records, ticket)
                 scope.before_commit()
         except BaseException as exc:
             error = explain(scope.failed(exc))

@@ -1,0 +1,175 @@
+"""``AsyncIdempotentConsumer``: the idempotent consumer in the service's event loop.
+
+Its decisions are :class:`outbox.consumer.ConsumerPolicy`'s, its transaction is the
+one every owned scope runs (:func:`outbox.aio.app.arun_owned`); only the waiting,
+the handler and the subscriber calls are awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Awaitable, Callable
+
+import structlog
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from ..codec import JsonCodec
+from ..consumer import (
+    ConsumerConfig,
+    ConsumerPolicy,
+    ConsumerStats,
+    Decision,
+    Outcome,
+    ReceivedMessage,
+    _reason,
+    inbox_missing,
+)
+from ..errors import ConfigurationError, MisuseError
+from ..transport import Delivery
+from ..typing import AsyncSubscriber, Codec
+from .app import arun_owned, guarded_async_factory
+
+log = structlog.get_logger("outbox.consumer")
+
+AsyncHandler = Callable[[AsyncSession, ReceivedMessage], Awaitable[None]]
+
+
+class AsyncIdempotentConsumer:
+    """Applies each message of an asyncio ``subscriber`` once to the consumer's database.
+
+    The same promise as :class:`outbox.IdempotentConsumer`: the inbox row and
+    ``await handler(session, message)`` commit in one transaction, then the delivery
+    is acknowledged; duplicates are acknowledged without running the handler; failures
+    are retried with backoff, then dead-lettered. Messages sent in the handler (``await
+    outbox.send(session, ...)``, or a decorated function of an ``AsyncOutbox`` on the
+    same database) commit with the inbox row.
+
+    ``await consumer.run()`` consumes until :meth:`stop`; a stop lets the delivery in
+    hand finish. A cancellation rolls back the delivery in hand, which is delivered
+    again after the subscriber's visibility timeout: nothing is lost.
+    """
+
+    def __init__(
+        self,
+        bind: AsyncEngine | async_sessionmaker[AsyncSession],
+        subscriber: AsyncSubscriber,
+        group: str,
+        handler: AsyncHandler,
+        *,
+        codec: Codec | None = None,
+        config: ConsumerConfig | None = None,
+    ) -> None:
+        if not group or len(group) > 200:
+            raise ConfigurationError("consumer group must be 1 to 200 characters")
+        if not inspect.iscoroutinefunction(handler):
+            raise MisuseError(
+                "AsyncIdempotentConsumer needs an async def handler(session, message); for a "
+                "sync handler use IdempotentConsumer")
+        if not inspect.iscoroutinefunction(getattr(subscriber, "fetch", None)):
+            raise ConfigurationError(
+                f"{type(subscriber).__name__} is not an asyncio subscriber; use its asyncio "
+                "form (e.g. AsyncSqlTransport(...).subscriber(...))")
+        self.session_factory = guarded_async_factory(bind, "AsyncIdempotentConsumer")
+        engine = self.session_factory.kw["bind"]
+        self.engine: AsyncEngine = engine
+        self.identity = engine.url.set(drivername=engine.url.get_backend_name())
+        self.subscriber = subscriber
+        self.group = group
+        self.handler = handler
+        self.codec: Codec = codec or JsonCodec()
+        self.config = config or ConsumerConfig()
+        self.policy = ConsumerPolicy(group, self.codec, self.config)
+        self.stats = ConsumerStats()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def handle(self, delivery: Delivery) -> Outcome:
+        """Process one delivery and tell the subscriber; returns what became of it."""
+        policy = self.policy
+        decision = policy.accept(delivery)
+        if isinstance(decision, ReceivedMessage):
+            try:
+                decision = policy.succeeded(await self._apply(decision))
+            except ConfigurationError:
+                raise
+            except Exception as exc:
+                decision = policy.failed(exc, delivery.attempt)
+        action, args = policy.verdict(decision)
+        await getattr(self.subscriber, action)(delivery, *args)
+        policy.report(decision, delivery)
+        return decision.outcome
+
+    async def _apply(self, received: ReceivedMessage) -> bool:
+        """The inbox row and the handler in one transaction; False for a duplicate."""
+
+        async def work(session: AsyncSession) -> bool:
+            conn = await session.connection()
+            result = await conn.execute(self.policy.inbox_insert(conn, received.id))
+            if not self.policy.inserted(result.rowcount):
+                return False
+            await self.handler(session, received)
+            return True
+
+        return await arun_owned(
+            self.session_factory, identity=self.identity,
+            owner=f"the handler of consumer group {self.group!r}", ticket=None, lock=None,
+            work=work, explain=self._explain,
+        )
+
+    async def _explain(self, exc: BaseException) -> BaseException:
+        if not isinstance(exc, DBAPIError):
+            return exc
+        from sqlalchemy import inspect as inspect_db
+
+        try:
+            async with self.engine.connect() as conn:
+                existing = set(await conn.run_sync(lambda c: inspect_db(c).get_table_names()))
+        except DBAPIError:
+            return exc
+        return inbox_missing(self.engine.url, existing) or exc
+
+    async def run_once(self, wait_seconds: float | None = None) -> ConsumerStats:
+        """Fetch one batch and handle it; returns what happened."""
+        wait = self.config.wait_seconds if wait_seconds is None else wait_seconds
+        stats = ConsumerStats()
+        for delivery in await self.subscriber.fetch(self.config.batch_size, wait):
+            stats.count(await self.handle(delivery))
+        self.stats.add(stats)
+        return stats
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`. Errors reaching the transport or the database
+        are logged and retried; a configuration error (a missing inbox table) ends it."""
+        self._stopping = False
+        while not self._stopping:
+            try:
+                await self.run_once()
+            except ConfigurationError:
+                raise
+            except Exception as exc:
+                log.error("consumer_batch_failed", error=_reason(exc), group=self.group)
+                await asyncio.sleep(1.0)
+
+    def start(self) -> AsyncIdempotentConsumer:
+        """Run as a task of the running event loop; returns self."""
+        if self._task is not None and not self._task.done():
+            raise ConfigurationError("consumer already started")
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="outbox-consumer")
+        return self
+
+    async def stop(self, timeout: float | None = 10.0) -> None:
+        """Finish the delivery in hand and the current fetch wait, then end :meth:`run`;
+        past ``timeout`` the task is cancelled (its delivery comes back later)."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

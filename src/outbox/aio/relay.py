@@ -1,0 +1,222 @@
+"""``AsyncRelay``: the relay in the service's event loop.
+
+It runs the same statements (``outbox.storage``, through SQLAlchemy's greenlet
+bridge ``run_sync``) and the same decisions (:class:`outbox.relay.BatchPlan`) as the
+sync :class:`outbox.Relay`; only the waiting and the publishing are awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .. import storage
+from ..errors import ConfigurationError
+from ..relay import BatchPlan, BatchResult, RelayConfig, RelayCore, _error_text, refuse_same_file
+from ..schema import NOTIFY_CHANNEL, utcnow
+from ..typing import AsyncBatchPublisher, AsyncPublisher
+
+log = structlog.get_logger("outbox.relay")
+
+
+class AsyncRelay(RelayCore):
+    """Moves committed outbox rows of one database to an asyncio publisher.
+
+    ``await relay.run()`` publishes until :meth:`stop` (or the task is cancelled);
+    ``relay.start()`` runs it as a task of the running loop. Stopping lets the
+    current batch finish; a cancellation mid-batch rolls the batch's marks back, so
+    its rows are published again later (the consumers' inbox drops the copies):
+    nothing is lost either way.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publisher: AsyncPublisher,
+        config: RelayConfig | None = None,
+        *,
+        wakeup: asyncio.Event | None = None,
+    ) -> None:
+        if not isinstance(engine, AsyncEngine):
+            raise ConfigurationError(
+                f"AsyncRelay needs an AsyncEngine, got {type(engine).__name__}; use Relay for "
+                "a sync Engine")
+        if not inspect.iscoroutinefunction(getattr(publisher, "publish", None)):
+            raise ConfigurationError(
+                f"{type(publisher).__name__} is not an asyncio publisher (its publish is not "
+                "a coroutine); use Relay with it, or its asyncio form here")
+        refuse_same_file(engine.sync_engine, publisher)
+        super().__init__(config)
+        self.engine = engine
+        self.publisher = publisher
+        self.wakeup = wakeup or asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- one batch -------------------------------------------------------------
+
+    async def run_once(self) -> BatchResult:
+        """Claim, publish and mark one batch in one database transaction."""
+        cfg = self.config
+        async with self.engine.begin() as conn:
+            now = utcnow()
+            rows = await conn.run_sync(storage.claim, cfg.batch_size, now)
+            if not rows:
+                return BatchResult()
+            plan = self.plan(rows, now)
+            await self._publish(plan)
+            await conn.run_sync(storage.mark_sent, plan.sent, utcnow(),
+                                delete_sent=cfg.delete_sent)
+            await conn.run_sync(storage.mark_failed, plan.failures)
+        return plan.result()
+
+    async def _publish(self, plan: BatchPlan) -> None:
+        batch = plan.batch(self.publisher, AsyncBatchPublisher)
+        if batch is not None:
+            try:
+                await self.publisher.publish_batch(batch)  # type: ignore[attr-defined]
+            except Exception as exc:
+                plan.batch_failed(exc)
+            else:
+                return plan.batch_published()
+        for row in plan.each():
+            try:
+                await self.publisher.publish(row.message)
+            except Exception as exc:
+                plan.failed(row, exc)
+            else:
+                plan.published(row)
+
+    # -- maintenance -----------------------------------------------------------
+
+    async def purge(self) -> int:
+        """Delete sent rows older than the retention, in bounded batches."""
+        total = 0
+        cutoff = self.purge_cutoff()
+        while True:
+            async with self.engine.begin() as conn:
+                n = await conn.run_sync(storage.purge, sent_before=cutoff,
+                                        batch_size=self.config.purge_batch_size)
+            total += n
+            if n < self.config.purge_batch_size:
+                break
+        if total:
+            log.info("relay_purged", count=total)
+        return total
+
+    async def dead(self, limit: int = 100) -> list[storage.DeadRow]:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(storage.list_dead, limit)
+
+    async def replay(self, message_ids: Iterable[str] | None = None) -> int:
+        """Make dead rows (all, or those named) pending again; returns how many."""
+        ids = list(message_ids) if message_ids is not None else None
+        async with self.engine.begin() as conn:
+            n = await conn.run_sync(storage.replay_dead, ids)
+        log.info("relay_replayed", count=n)
+        self.wakeup.set()
+        return n
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Publish until :meth:`stop`. Database errors are logged and retried after the
+        poll interval, so a restart of the database server does not end the relay."""
+        cfg = self.config
+        self._stopping = False
+        listener = (asyncio.get_running_loop().create_task(self._listen())
+                    if self.listens(self.engine.dialect.name) else None)
+        try:
+            while not self._stopping:
+                try:
+                    result = await self.run_once()
+                    if self.purge_due():
+                        await self.purge()
+                except Exception as exc:
+                    log.error("relay_batch_failed", error=_error_text(exc))
+                    result = BatchResult()
+                    await self._wait(cfg.poll_interval)
+                if self._stopping or self.more_waiting(result):
+                    continue
+                await self._wait(cfg.poll_interval)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wakeup.wait(), seconds)
+        self.wakeup.clear()
+
+    async def _listen(self) -> None:
+        """Set the wake-up event on every NOTIFY of a committed outbox insert, through
+        the asyncio driver's own connection (psycopg 3 or asyncpg)."""
+        while not self._stopping:
+            try:
+                async with self.engine.connect() as conn:
+                    raw = await conn.get_raw_connection()
+                    driver: Any = raw.driver_connection
+                    try:
+                        await self._listen_on(driver)
+                    finally:
+                        raw.invalidate()  # autocommit and LISTEN must not go back to the pool
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a server restart: listen again
+                log.warning("relay_listen_failed", error=_error_text(exc))
+                await asyncio.sleep(1.0)
+
+    async def _listen_on(self, driver: Any) -> None:
+        if hasattr(driver, "add_listener"):  # asyncpg
+            await driver.add_listener(NOTIFY_CHANNEL, lambda *_: self.wakeup.set())
+            while not self._stopping:
+                await asyncio.sleep(1.0)
+            return
+        await driver.set_autocommit(True)  # psycopg 3
+        await driver.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        while not self._stopping:
+            async for _ in driver.notifies(timeout=1.0, stop_after=1):
+                self.wakeup.set()
+
+    def start(self) -> AsyncRelay:
+        """Run as a task of the running event loop; returns self."""
+        if self._task is not None and not self._task.done():
+            raise ConfigurationError("relay already started")
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="outbox-relay")
+        return self
+
+    async def stop(self, timeout: float | None = 10.0) -> None:
+        """Let the current batch finish, then end :meth:`run`; past ``timeout`` the
+        task is cancelled (its batch is published again later)."""
+        self._stopping = True
+        self.wakeup.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def drain(self, timeout: float = 30.0) -> int:
+        """Publish until no due row is left (or ``timeout``); returns rows published."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        total = 0
+        while loop.time() < deadline:
+            result = await self.run_once()
+            total += result.published
+            if result.claimed == 0:
+                break
+        return total
