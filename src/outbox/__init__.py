@@ -4,7 +4,8 @@ service applies every message exactly once.
 Start with :class:`Outbox` and :func:`transactional_message` on the producing
 side, :class:`Relay` to publish, and :class:`IdempotentConsumer` on the
 receiving side; their asyncio forms are :class:`AsyncOutbox`, :class:`AsyncRelay`
-and :class:`AsyncIdempotentConsumer` (see :mod:`outbox.aio`). :mod:`outbox.testing` has an in-memory broker for unit tests.
+and :class:`AsyncIdempotentConsumer` (see :mod:`outbox.aio`). :mod:`outbox.testing`
+has an in-memory broker for unit tests.
 """
 
 from .aio import AsyncIdempotentConsumer, AsyncOutbox, AsyncRelay, create_async_engine

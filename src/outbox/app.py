@@ -28,7 +28,7 @@ from .decorator import (
 from .errors import ConfigurationError, MisuseError
 from .message import Message
 from .relay import Relay, RelayConfig
-from .schema import outbox_messages
+from .schema import outbox_messages, utcnow
 from .scope import (
     SCOPE_KEY,
     Scope,
@@ -37,10 +37,9 @@ from .scope import (
     current_scope,
     guarded_class,
     run_owned,
-    write_records,
     write_lock_statement,
+    write_records,
 )
-from .schema import utcnow
 from .storage import duplicate_id, message_row
 from .transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT, SqlAlchemyTransactionListener
 from .typing import Codec, Publisher
@@ -330,90 +329,6 @@ class Outbox(BaseOutbox):
             self, topic=topic, payload=payload, key=key, message_id=message_id,
             tag=tag, headers=headers,
         )
-
-
-def transactional_message(
-        self,
-        *,
-        topic: str,
-        payload: Callable[..., Any] | None = None,
-        key: str | Callable[..., Any] | None = None,
-        message_id: str | Callable[..., Any] | None = None,
-        tag: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Callable[[Callable[..., R]], Callable[..., R]]:
-        """See :func:`transactional_message`."""
-        return transactional_message(
-            self, topic=topic, payload=payload, key=key, message_id=message_id,
-            tag=tag, headers=headers,
-        )
-
-
-def write_records(session: Session, statements: Sequence[Executable], message: Message) -> None:
-    """Write a ticket's durable record; a reused message id is a DuplicateMessageError."""
-    try:
-        for statement in statements:
-            session.execute(statement)
-    except IntegrityError:
-        raise duplicate_id(message) from None
-
-
-def transactional_message(
-        self,
-        *,
-        topic: str,
-        payload: Callable[..., Any] | None = None,
-        key: str | Callable[..., Any] | None = None,
-        message_id: str | Callable[..., Any] | None = None,
-        tag: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Callable[[Callable[..., R]], Callable[..., R]]:
-        """See :func:`transactional_message`."""
-        return transactional_message(
-            self, topic=topic, payload=payload, key=key, message_id=message_id,
-            tag=tag, headers=headers,
-        )
-
-
-def write_records(session: Session, statements: Sequence[Executable], message: Message) -> None:
-    """Write a ticket's durable record; a reused message id is a DuplicateMessageError."""
-    try:
-        for statement in statements:
-            session.execute(statement)
-    except IntegrityError:
-        raise duplicate_id(message) from None
-
-
-def caller_scope(session: Session, user_session: Any, identity: URL) -> Scope:
-    """The scope of a session the caller owns, following its commit through events."""
-    scope = Scope(session, user_session, url=identity, owner="the caller", owned=False)
-    session.info[SCOPE_KEY] = scope
-    event.listen(session, "before_commit", _before_commit)
-    event.listen(session, "after_commit", _after_commit)
-    event.listen(session, "after_transaction_end", _after_transaction_end)
-    return scope
-
-
-def _before_commit(session: Session) -> None:
-    scope = session.info.get(SCOPE_KEY)
-    if scope is not None and scope.tickets:
-        scope.before_commit()
-
-
-def _after_commit(session: Session) -> None:
-    scope = session.info.get(SCOPE_KEY)
-    if scope is not None:
-        scope.committed()
-
-
-def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    scope = session.info.get(SCOPE_KEY)
-    if scope is None or not scope.tickets:
-        return
-    if transaction.parent is None:
-        scope.rolled_back()  # the root ended without a commit (rollback, close, error)
-    else:
-        scope.savepoint_ended(transaction)
 
 
 def transactional_message(

@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
+import structlog
 from sqlalchemy import Executable, Table, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from .errors import MisuseError, TransactionOutcomeUnknown
-import structlog
 
 log = structlog.get_logger("outbox")
 

@@ -5,6 +5,13 @@ keeps its own delivery state per message in ``outbox_transport_deliveries``
 (visible-at time, attempts, done or dead with a reason), so every group gets every
 message, unacknowledged deliveries come back after a visibility timeout, and
 nothing published is skipped, whatever order concurrent publishers commit in.
+
+Each operation on the queue is one function below that takes a
+:class:`~sqlalchemy.Connection` with no transaction open and runs its statements in
+transactions of its own. :class:`SqlTransport` calls them directly;
+:class:`outbox.aio.AsyncSqlTransport` runs the very same functions in the event
+loop through ``AsyncConnection.run_sync``. Decisions that sit between calls (how
+long a fetch still waits) are small pure objects, also shared.
 """
 
 from __future__ import annotations
@@ -12,12 +19,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Column,
+    Connection,
+    Dialect,
     Engine,
     Index,
     Integer,
@@ -33,9 +43,10 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
-from .db import dialect_name, insert_ignore, lock_for_writing, safe_url, supports_skip_locked
+from .db import insert_ignore, lock_for_writing, safe_url, supports_skip_locked
 from .errors import BrokerUnavailableError, ConfigurationError, PublishError
 from .message import Message
 from .schema import (
@@ -88,6 +99,10 @@ deliveries = Table(
 )
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     seq: int
@@ -98,103 +113,134 @@ class DeadLetter:
     payload: bytes
 
 
-def _wrap(exc: SQLAlchemyError, engine: Engine) -> PublishError:
+# -- checks and decisions shared by the sync and async forms ------------------------
+
+
+def check_dialect(dialect: Dialect) -> None:
+    """Refuse a database the queue's SQL is not written for."""
+    if dialect.name not in ("sqlite", "postgresql", "mysql", "mariadb"):
+        raise ConfigurationError(f"SQL transport does not support {dialect.name}")
+
+
+def check_visibility_timeout(visibility_timeout: float) -> None:
+    if visibility_timeout <= 0:
+        raise ConfigurationError("visibility_timeout must be positive")
+
+
+class PollWait:
+    """How a waiting fetch goes on: after each poll, :meth:`pause` says how long to
+    pause before the next one, or ``None`` when the fetch returns what it found.
+
+    The sync forms pause by blocking, the asyncio forms with ``asyncio.sleep``; both
+    follow this one rule: return as soon as something was found, else poll every
+    ``poll_interval`` seconds and once more at the deadline.
+    """
+
+    def __init__(self, wait_seconds: float, poll_interval: float) -> None:
+        self._deadline = time.monotonic() + max(0.0, wait_seconds)
+        self._poll_interval = poll_interval
+
+    def pause(self, found: Sequence[object]) -> float | None:
+        remaining = self._deadline - time.monotonic()
+        if found or remaining <= 0:
+            return None
+        return min(self._poll_interval, remaining)
+
+
+def pending(counts: Mapping[str, int]) -> int:
+    """Messages not yet done or dead, from :func:`count_states`' answer."""
+    return counts["unseen"] + counts[READY]
+
+
+def _wrap(exc: SQLAlchemyError, url: URL, owner: str = "SqlTransport") -> PublishError:
     if isinstance(exc, IntegrityError | DataError):
         # The server is there and refused this row: retrying will not help by itself.
         return PublishError(
-            f"SQL transport database {safe_url(engine.url)} refused the row: "
+            f"SQL transport database {safe_url(url)} refused the row: "
             f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0][:300]}"
         )
     return BrokerUnavailableError(
-        f"SQL transport database {safe_url(engine.url)} failed: {type(exc).__name__}; "
-        "check that it is reachable and that its tables exist (SqlTransport.create_tables())"
+        f"SQL transport database {safe_url(url)} failed: {type(exc).__name__}; "
+        f"check that it is reachable and that its tables exist ({owner}.create_tables())"
     )
 
 
-class SqlTransport:
-    """The queue tables of one database; hands out publishers and subscribers."""
+@contextmanager
+def wrapped_errors(url: URL, owner: str = "SqlTransport") -> Iterator[None]:
+    """Turn a database error raised inside the block into the project's error."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise _wrap(exc, url, owner) from exc
 
-    def __init__(self, engine: Engine, *, poll_interval: float = 0.05) -> None:
-        if dialect_name(engine) not in ("sqlite", "postgresql", "mysql"):
-            raise ConfigurationError(f"SQL transport does not support {engine.dialect.name}")
-        self.engine = engine
-        self.poll_interval = poll_interval
 
-    def create_tables(self) -> None:
-        """Create the queue tables if they are missing."""
-        transport_metadata.create_all(self.engine)
+# -- the SQL: every function takes a Connection with no transaction open -------------
 
-    def drop_tables(self) -> None:
-        """Drop the queue tables and everything on them."""
-        transport_metadata.drop_all(self.engine)
 
-    def counts(self, topic: str, group: str) -> dict[str, int]:
-        """Messages of ``topic`` by state for ``group``: ``unseen`` (never fetched),
-        ``ready`` (waiting or in flight), ``done`` (acknowledged), ``dead``."""
-        out = {"unseen": 0, READY: 0, DONE: 0, DEAD: 0}
-        with self.engine.connect() as conn:
-            total = conn.scalar(select(func.count()).where(messages.c.topic == topic)) or 0
-            for status, n in conn.execute(
-                select(deliveries.c.status, func.count())
-                .where(deliveries.c.consumer_group == group, deliveries.c.topic == topic)
-                .group_by(deliveries.c.status)
-            ):
-                out[status] = int(n)
-        out["unseen"] = int(total) - out[READY] - out[DONE] - out[DEAD]
-        return out
+def create_tables(conn: Connection) -> None:
+    with conn.begin():
+        transport_metadata.create_all(conn)
 
-    def publisher(self) -> SqlPublisher:
-        return SqlPublisher(self)
 
-    def subscriber(
-        self, topic: str, group: str, *, visibility_timeout: float = 30.0
-    ) -> SqlSubscriber:
-        return SqlSubscriber(self, topic, group, visibility_timeout=visibility_timeout)
+def drop_tables(conn: Connection) -> None:
+    with conn.begin():
+        transport_metadata.drop_all(conn)
 
-    def put_raw(
-        self, topic: str, payload: bytes, *, message_id: str | None = None,
-        key: str | None = None, tag: str | None = None, headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Put a row on the queue without validating it (for tests of bad input)."""
-        with self.engine.begin() as conn:
-            conn.execute(messages.insert().values(
-                topic=topic, message_id=message_id, key=key, tag=tag,
-                headers=json.dumps(dict(headers or {})), payload=payload, created_at=utcnow(),
-            ))
 
-    def dead_letters(self, group: str, limit: int = 1000) -> list[DeadLetter]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(deliveries.c.seq, messages.c.message_id, messages.c.topic,
-                       deliveries.c.attempts, deliveries.c.last_error, messages.c.payload)
-                .join(messages, messages.c.seq == deliveries.c.seq)
-                .where(deliveries.c.consumer_group == group, deliveries.c.status == DEAD)
-                .order_by(deliveries.c.seq).limit(limit)
-            ).all()
-        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+def count_states(conn: Connection, topic: str, group: str) -> dict[str, int]:
+    out = {"unseen": 0, READY: 0, DONE: 0, DEAD: 0}
+    with conn.begin():
+        total = conn.scalar(select(func.count()).where(messages.c.topic == topic)) or 0
+        for status, n in conn.execute(
+            select(deliveries.c.status, func.count())
+            .where(deliveries.c.consumer_group == group, deliveries.c.topic == topic)
+            .group_by(deliveries.c.status)
+        ):
+            out[status] = int(n)
+    out["unseen"] = int(total) - out[READY] - out[DONE] - out[DEAD]
+    return out
 
-    def pending_count(self, topic: str, group: str) -> int:
-        """Messages of ``topic`` not yet done or dead for ``group``."""
-        counts = self.counts(topic, group)
-        return counts["unseen"] + counts[READY]
 
-    def purge(self, older_than: dt.timedelta, batch_size: int = 1000) -> int:
-        """Delete messages older than ``older_than`` (and their deliveries), batch by batch."""
-        if batch_size < 1:
-            # The loop ends on a short batch; a batch of 0 never is one.
-            raise ConfigurationError("purge batch_size must be at least 1")
-        cutoff = utcnow() - older_than
-        total = 0
-        while True:
-            with self.engine.begin() as conn:
-                seqs = conn.scalars(select(messages.c.seq).where(messages.c.created_at < cutoff)
-                                    .order_by(messages.c.seq).limit(batch_size)).all()
-                if seqs:
-                    conn.execute(delete(deliveries).where(deliveries.c.seq.in_(seqs)))
-                    conn.execute(delete(messages).where(messages.c.seq.in_(seqs)))
-            total += len(seqs)
-            if len(seqs) < batch_size:
-                return total
+def insert_raw(
+    conn: Connection, topic: str, payload: bytes, message_id: str | None, key: str | None,
+    tag: str | None, headers: Mapping[str, str] | None,
+) -> None:
+    with conn.begin():
+        conn.execute(messages.insert().values(
+            topic=topic, message_id=message_id, key=key, tag=tag,
+            headers=json.dumps(dict(headers or {})), payload=payload, created_at=utcnow(),
+        ))
+
+
+def list_dead_letters(conn: Connection, group: str, limit: int) -> list[DeadLetter]:
+    with conn.begin():
+        rows = conn.execute(
+            select(deliveries.c.seq, messages.c.message_id, messages.c.topic,
+                   deliveries.c.attempts, deliveries.c.last_error, messages.c.payload)
+            .join(messages, messages.c.seq == deliveries.c.seq)
+            .where(deliveries.c.consumer_group == group, deliveries.c.status == DEAD)
+            .order_by(deliveries.c.seq).limit(limit)
+        ).all()
+    return [DeadLetter(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+
+def purge_older(conn: Connection, older_than: dt.timedelta, batch_size: int) -> int:
+    """One transaction per batch, so a big purge never holds locks for long."""
+    if batch_size < 1:
+        # The loop ends on a short batch; a batch of 0 never is one.
+        raise ConfigurationError("purge batch_size must be at least 1")
+    cutoff = utcnow() - older_than
+    total = 0
+    while True:
+        with conn.begin():
+            seqs = conn.scalars(select(messages.c.seq).where(messages.c.created_at < cutoff)
+                                .order_by(messages.c.seq).limit(batch_size)).all()
+            if seqs:
+                conn.execute(delete(deliveries).where(deliveries.c.seq.in_(seqs)))
+                conn.execute(delete(messages).where(messages.c.seq.in_(seqs)))
+        total += len(seqs)
+        if len(seqs) < batch_size:
+            return total
 
 
 def _row(message: Message, now: dt.datetime) -> dict[str, Any]:
@@ -203,6 +249,158 @@ def _row(message: Message, now: dt.datetime) -> dict[str, Any]:
         "headers": json.dumps(dict(message.headers), ensure_ascii=False, sort_keys=True),
         "payload": message.payload, "created_at": now,
     }
+
+
+def insert_messages(conn: Connection, batch: Sequence[Message]) -> None:
+    """All of ``batch`` in one transaction: a row the database refuses refuses them all."""
+    if not batch:
+        return
+    now = utcnow()
+    with conn.begin():
+        conn.execute(messages.insert(), [_row(m, now) for m in batch])
+
+
+def _headers(raw: str) -> dict[str, str]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def claim(conn: Connection, topic: str, group: str, max_messages: int,
+          visibility_timeout: float) -> list[Delivery]:
+    """Claim up to ``max_messages`` visible deliveries of ``topic`` for ``group``,
+    hiding them for ``visibility_timeout`` seconds."""
+    now = utcnow()
+    with conn.begin():
+        lock_for_writing(conn, deliveries)
+        # Give this group a delivery row for every message it has not seen yet.
+        unseen = (
+            select(literal(group), messages.c.seq, messages.c.topic, literal(READY),
+                   literal(0), literal(now))
+            .where(messages.c.topic == topic)
+            .where(~exists().where(and_(deliveries.c.consumer_group == group,
+                                        deliveries.c.seq == messages.c.seq)))
+            .order_by(messages.c.seq)  # one lock order for concurrent consumers
+        )
+        conn.execute(insert_ignore(conn, deliveries).from_select(
+            ["consumer_group", "seq", "topic", "status", "attempts", "visible_at"], unseen
+        ))
+        query = (
+            select(deliveries.c.seq, deliveries.c.attempts)
+            .where(deliveries.c.consumer_group == group, deliveries.c.status == READY,
+                   deliveries.c.visible_at <= now)
+            .order_by(deliveries.c.seq).limit(max_messages)
+        )
+        if supports_skip_locked(conn):
+            query = query.with_for_update(skip_locked=True)
+        claimed = conn.execute(query).all()
+        if not claimed:
+            return []
+        seqs = [r.seq for r in claimed]
+        conn.execute(
+            update(deliveries)
+            .where(deliveries.c.consumer_group == group, deliveries.c.seq.in_(seqs))
+            .values(attempts=deliveries.c.attempts + 1,
+                    visible_at=now + dt.timedelta(seconds=visibility_timeout))
+        )
+        rows = conn.execute(select(messages).where(messages.c.seq.in_(seqs))
+                            .order_by(messages.c.seq)).all()
+    attempts = {r.seq: r.attempts + 1 for r in claimed}
+    return [
+        Delivery(
+            topic=r.topic, payload=bytes(r.payload), message_id=r.message_id,
+            attempt=attempts[r.seq], key=r.key, tag=r.tag, headers=_headers(r.headers),
+            handle=r.seq,
+        )
+        for r in rows
+    ]
+
+
+def _set(conn: Connection, group: str, delivery: Delivery, **values: Any) -> None:
+    with conn.begin():
+        conn.execute(update(deliveries).where(
+            deliveries.c.consumer_group == group, deliveries.c.seq == delivery.handle
+        ).values(**values))
+
+
+def mark_done(conn: Connection, group: str, delivery: Delivery) -> None:
+    _set(conn, group, delivery, status=DONE, last_error=None)
+
+
+def mark_retry(conn: Connection, group: str, delivery: Delivery, delay_seconds: float,
+               error: str) -> None:
+    _set(conn, group, delivery, visible_at=utcnow() + dt.timedelta(seconds=delay_seconds),
+         last_error=error)
+
+
+def mark_dead(conn: Connection, group: str, delivery: Delivery, reason: str) -> None:
+    _set(conn, group, delivery, status=DEAD, last_error=reason)
+
+
+# -- the sync form: runs the functions above on a connection of the engine ----------
+
+
+class SqlTransport:
+    """The queue tables of one database; hands out publishers and subscribers.
+
+    ``poll_interval`` is how often a waiting ``fetch`` looks for new messages.
+    """
+
+    def __init__(self, engine: Engine, *, poll_interval: float = 0.05) -> None:
+        check_dialect(engine.dialect)
+        self.engine = engine
+        self.poll_interval = poll_interval
+
+    def _run(self, fn: Callable[Concatenate[Connection, P], R], /,
+             *args: P.args, **kwargs: P.kwargs) -> R:
+        with self.engine.connect() as conn:
+            return fn(conn, *args, **kwargs)
+
+    def create_tables(self) -> None:
+        """Create the queue tables if they are missing."""
+        self._run(create_tables)
+
+    def drop_tables(self) -> None:
+        """Drop the queue tables and everything on them."""
+        self._run(drop_tables)
+
+    def counts(self, topic: str, group: str) -> dict[str, int]:
+        """Messages of ``topic`` by state for ``group``: ``unseen`` (never fetched),
+        ``ready`` (waiting or in flight), ``done`` (acknowledged), ``dead``."""
+        return self._run(count_states, topic, group)
+
+    def publisher(self) -> SqlPublisher:
+        return SqlPublisher(self)
+
+    def subscriber(
+        self, topic: str, group: str, *, visibility_timeout: float = 30.0
+    ) -> SqlSubscriber:
+        """A subscriber of ``topic`` for ``group``; a delivery not acknowledged (or
+        retried) within ``visibility_timeout`` seconds is delivered again."""
+        return SqlSubscriber(self, topic, group, visibility_timeout=visibility_timeout)
+
+    def put_raw(
+        self, topic: str, payload: bytes, *, message_id: str | None = None,
+        key: str | None = None, tag: str | None = None, headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Put a row on the queue without validating it (for tests of bad input)."""
+        self._run(insert_raw, topic, payload, message_id, key, tag, headers)
+
+    def dead_letters(self, group: str, limit: int = 1000) -> list[DeadLetter]:
+        """The dead-lettered deliveries of ``group`` with their reasons, oldest first."""
+        return self._run(list_dead_letters, group, limit)
+
+    def pending_count(self, topic: str, group: str) -> int:
+        """Messages of ``topic`` not yet done or dead for ``group``."""
+        return pending(self.counts(topic, group))
+
+    def purge(self, older_than: dt.timedelta, batch_size: int = 1000) -> int:
+        """Delete messages older than ``older_than`` (and their deliveries), batch by batch."""
+        return self._run(purge_older, older_than, batch_size)
 
 
 class SqlPublisher:
@@ -216,27 +414,11 @@ class SqlPublisher:
         self.publish_batch([message])
 
     def publish_batch(self, messages_: Sequence[Message]) -> None:
-        if not messages_:
-            return
-        now = utcnow()
-        try:
-            with self.transport.engine.begin() as conn:
-                conn.execute(messages.insert(), [_row(m, now) for m in messages_])
-        except SQLAlchemyError as exc:
-            raise _wrap(exc, self.transport.engine) from exc
+        with wrapped_errors(self.engine.url):
+            self.transport._run(insert_messages, messages_)
 
     def close(self) -> None:
         pass
-
-
-def _headers(raw: str) -> dict[str, str]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {}
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): str(v) for k, v in value.items()}
 
 
 class SqlSubscriber:
@@ -244,89 +426,34 @@ class SqlSubscriber:
 
     def __init__(self, transport: SqlTransport, topic: str, group: str, *,
                  visibility_timeout: float) -> None:
-        if visibility_timeout <= 0:
-            raise ConfigurationError("visibility_timeout must be positive")
+        check_visibility_timeout(visibility_timeout)
         self.transport = transport
         self.topic = topic
         self.group = group
         self.visibility_timeout = visibility_timeout
 
     def fetch(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
-        deadline = time.monotonic() + max(0.0, wait_seconds)
+        wait = PollWait(wait_seconds, self.transport.poll_interval)
         while True:
-            try:
-                found = self._fetch_once(max_messages)
-            except SQLAlchemyError as exc:
-                raise _wrap(exc, self.transport.engine) from exc
-            if found or time.monotonic() >= deadline:
+            with wrapped_errors(self.transport.engine.url):
+                found = self.transport._run(claim, self.topic, self.group, max_messages,
+                                            self.visibility_timeout)
+            pause = wait.pause(found)
+            if pause is None:
                 return found
-            time.sleep(self.transport.poll_interval)
-
-    def _fetch_once(self, max_messages: int) -> list[Delivery]:
-        engine = self.transport.engine
-        now = utcnow()
-        with engine.begin() as conn:
-            lock_for_writing(conn, deliveries)
-            # Give this group a delivery row for every message it has not seen yet.
-            unseen = (
-                select(literal(self.group), messages.c.seq, messages.c.topic, literal(READY),
-                       literal(0), literal(now))
-                .where(messages.c.topic == self.topic)
-                .where(~exists().where(and_(deliveries.c.consumer_group == self.group,
-                                            deliveries.c.seq == messages.c.seq)))
-                .order_by(messages.c.seq)  # one lock order for concurrent consumers
-            )
-            conn.execute(insert_ignore(conn, deliveries).from_select(
-                ["consumer_group", "seq", "topic", "status", "attempts", "visible_at"], unseen
-            ))
-            query = (
-                select(deliveries.c.seq, deliveries.c.attempts)
-                .where(deliveries.c.consumer_group == self.group, deliveries.c.status == READY,
-                       deliveries.c.visible_at <= now)
-                .order_by(deliveries.c.seq).limit(max_messages)
-            )
-            if supports_skip_locked(conn):
-                query = query.with_for_update(skip_locked=True)
-            claimed = conn.execute(query).all()
-            if not claimed:
-                return []
-            seqs = [r.seq for r in claimed]
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.consumer_group == self.group, deliveries.c.seq.in_(seqs))
-                .values(attempts=deliveries.c.attempts + 1,
-                        visible_at=now + dt.timedelta(seconds=self.visibility_timeout))
-            )
-            rows = conn.execute(select(messages).where(messages.c.seq.in_(seqs))
-                                .order_by(messages.c.seq)).all()
-        attempts = {r.seq: r.attempts + 1 for r in claimed}
-        return [
-            Delivery(
-                topic=r.topic, payload=bytes(r.payload), message_id=r.message_id,
-                attempt=attempts[r.seq], key=r.key, tag=r.tag, headers=_headers(r.headers),
-                handle=r.seq,
-            )
-            for r in rows
-        ]
-
-    def _set(self, delivery: Delivery, **values: Any) -> None:
-        try:
-            with self.transport.engine.begin() as conn:
-                conn.execute(update(deliveries).where(
-                    deliveries.c.consumer_group == self.group, deliveries.c.seq == delivery.handle
-                ).values(**values))
-        except SQLAlchemyError as exc:
-            raise _wrap(exc, self.transport.engine) from exc
+            time.sleep(pause)
 
     def ack(self, delivery: Delivery) -> None:
-        self._set(delivery, status=DONE, last_error=None)
+        with wrapped_errors(self.transport.engine.url):
+            self.transport._run(mark_done, self.group, delivery)
 
     def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        self._set(delivery, visible_at=utcnow() + dt.timedelta(seconds=delay_seconds),
-                  last_error=error)
+        with wrapped_errors(self.transport.engine.url):
+            self.transport._run(mark_retry, self.group, delivery, delay_seconds, error)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self._set(delivery, status=DEAD, last_error=reason)
+        with wrapped_errors(self.transport.engine.url):
+            self.transport._run(mark_dead, self.group, delivery, reason)
 
     def close(self) -> None:
         pass

@@ -21,7 +21,6 @@ from ..consumer import (
     ConsumerConfig,
     ConsumerPolicy,
     ConsumerStats,
-    Decision,
     Outcome,
     ReceivedMessage,
     _reason,

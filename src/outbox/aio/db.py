@@ -17,8 +17,8 @@ from ..errors import ConfigurationError
 ASYNC_DRIVERS = {
     "sqlite": "aiosqlite",
     "postgresql": "psycopg",  # psycopg 3 has both modes; the async engine picks async
-    "mysql": "aiomysql",
-    "mariadb": "aiomysql",
+    "mysql": "asyncmy",
+    "mariadb": "asyncmy",
 }
 ASYNC_DRIVER_NAMES = frozenset({"aiosqlite", "psycopg", "psycopg_async", "asyncpg",
                                 "aiomysql", "asyncmy"})
@@ -26,14 +26,14 @@ ASYNC_DRIVER_NAMES = frozenset({"aiosqlite", "psycopg", "psycopg_async", "asyncp
 _DRIVER_HINTS = {
     "sqlite": 'pip install "outbox[sqlite-async]" (aiosqlite)',
     "postgresql": 'pip install "outbox[postgres]" (psycopg) or asyncpg',
-    "mysql": 'pip install "outbox[mysql-async]" (aiomysql)',
-    "mariadb": 'pip install "outbox[mysql-async]" (aiomysql)',
+    "mysql": 'pip install "outbox[mysql-async]" (asyncmy)',
+    "mariadb": 'pip install "outbox[mysql-async]" (asyncmy)',
 }
 
 
 def async_url(url: str | URL) -> URL:
     """``url`` with its asyncio driver: ``sqlite:///x.db`` becomes
-    ``sqlite+aiosqlite:///x.db``, ``mysql+pymysql://...`` ``mysql+aiomysql://...``.
+    ``sqlite+aiosqlite:///x.db``, ``mysql+pymysql://...`` ``mysql+asyncmy://...``.
     A URL that already names an asyncio driver is returned as it is."""
     try:
         parsed = make_url(url)
@@ -67,7 +67,8 @@ def create_async_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
         engine = sa_create_async_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
         hint = _DRIVER_HINTS.get(backend, "install the SQLAlchemy asyncio driver for it")
-        raise ConfigurationError(f"no asyncio driver for {safe_url(parsed)}: {exc}; {hint}") from None
+        raise ConfigurationError(
+            f"no asyncio driver for {safe_url(parsed)}: {exc}; {hint}") from None
     if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
     return engine
