@@ -146,6 +146,15 @@ class Model:
         bind = self.async_engine if self.is_async else self.engine
         return cls(bind, subscriber, group, self.handler(body), **options)
 
+    def subscriber(self, broker: Any, topic: str, group: str, **options: Any) -> Any:
+        """A subscriber of the model's kind on an ``InMemoryBroker``."""
+        if self.is_async:
+            return broker.async_subscriber(topic, group, **options)
+        return broker.subscriber(topic, group, **options)
+
+    def publisher(self, broker: Any) -> Any:
+        return broker.async_publisher() if self.is_async else broker
+
     def relay(self, publisher: Any, **options: Any) -> Any:
         if self.is_async:
             return AsyncRelay(self.async_engine, publisher, **options)
