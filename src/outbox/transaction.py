@@ -7,11 +7,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
-from sqlalchemy import Executable, select
+from sqlalchemy import Executable, Select, select
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
-from .errors import TransactionOutcomeUnknown, TransactionRolledBack
+from .errors import MisuseError, TransactionOutcomeUnknown, TransactionRolledBack
 from .message import Message, TransactionState
 from .schema import outbox_messages, transaction_log, utcnow
 from .scope import outcome_unknown, run_owned, write_lock_statement
@@ -72,12 +73,16 @@ class SqlAlchemyTransactionListener:
 
     def __init__(
         self,
-        session_factory: sessionmaker[Session],
+        session_factory: sessionmaker[Session] | AsyncEngine,
         *,
         timeout: dt.timedelta = DEFAULT_LOCAL_TRANSACTION_TIMEOUT,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
-        self.session_factory = session_factory
+        if isinstance(session_factory, AsyncEngine):
+            self.session_factory: sessionmaker[Session] | None = None
+            self.async_engine: AsyncEngine | None = session_factory
+        else:
+            self.session_factory, self.async_engine = session_factory, None
         self.timeout = timeout
         self.clock = clock
 
@@ -90,6 +95,8 @@ class SqlAlchemyTransactionListener:
         that time: if the broker never delivers the half message, a relay will.
         """
         work: LocalWork = arg
+        if self.session_factory is None:
+            raise MisuseError("execute runs sync work; this listener has an AsyncEngine")
         ticket = TransactionLogTicket(self, message, guard_until)
         bind = self.session_factory.kw.get("bind")
         dialect = bind.dialect.name if bind is not None else ""
@@ -124,12 +131,29 @@ class SqlAlchemyTransactionListener:
 
     def check(self, message: Message) -> TransactionState:
         """Answer a check-back from the transaction log."""
+        if self.session_factory is None:
+            raise MisuseError("this listener reads through an AsyncEngine: await acheck()")
         with self.session_factory() as session:
-            found = session.execute(
-                select(transaction_log.c.transaction_id)
-                .where(transaction_log.c.transaction_id == message.id)
-            ).first()
-        if found is not None:
+            found = session.execute(self.check_statement(message)).first()
+        return self.decide(message, found is not None)
+
+    async def acheck(self, message: Message) -> TransactionState:
+        """:meth:`check` through the AsyncEngine of an ``AsyncOutbox``."""
+        if self.async_engine is None:
+            raise MisuseError("this listener reads through a sync sessionmaker: call check()")
+        async with self.async_engine.connect() as conn:
+            found = (await conn.execute(self.check_statement(message))).first()
+        return self.decide(message, found is not None)
+
+    @staticmethod
+    def check_statement(message: Message) -> Select[Any]:
+        return select(transaction_log.c.transaction_id).where(
+            transaction_log.c.transaction_id == message.id)
+
+    def decide(self, message: Message, log_row_found: bool) -> TransactionState:
+        """The check-back's answer: COMMIT with a log row; without one, UNKNOWN while
+        the transaction may still commit, ROLLBACK once it cannot."""
+        if log_row_found:
             state = TransactionState.COMMIT
         else:
             created = message_created_at(message)

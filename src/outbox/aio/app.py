@@ -25,7 +25,7 @@ from ..message import Message
 from ..relay import RelayConfig
 from ..schema import outbox_messages
 from ..scope import Scope, Ticket, current_scope, guarded_class
-from ..transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT
+from ..transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT, SqlAlchemyTransactionListener
 from ..typing import AsyncPublisher
 from .relay import AsyncRelay
 
@@ -136,9 +136,10 @@ class AsyncOutbox(BaseOutbox):
                 "sync Outbox, or pick its asyncio adapter"
             )
         self.engine: AsyncEngine = engine
-        self.local_transaction_timeout = local_transaction_timeout
         super().__init__(delivery=delivery, codec=codec, url=engine.url,
                          dialect=engine.dialect.name)
+        #: Answers a broker's check-backs from this database (``await listener.acheck``).
+        self.listener = SqlAlchemyTransactionListener(engine, timeout=local_transaction_timeout)
 
     async def explain_failure(self, exc: BaseException) -> BaseException:
         tables = getattr(self.delivery, "tables", (outbox_messages,))
