@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import sys
 import uuid
 from typing import Any
 
@@ -48,6 +49,11 @@ class JsonCodec:
                 value, default=_default, ensure_ascii=False, separators=(",", ":"),
                 allow_nan=False,
             ).encode("utf-8")
+        except RecursionError:
+            raise MessageError(
+                "payload is nested too deeply to encode as JSON (Python's recursion limit, "
+                f"about {sys.getrecursionlimit()} levels); flatten it"
+            ) from None  # the traceback of a recursion overflow is thousands of frames long
         except (TypeError, ValueError) as exc:
             raise MessageError(f"payload cannot be encoded as JSON: {exc}") from exc
         if len(data) > self.max_bytes:
@@ -71,7 +77,12 @@ class JsonCodec:
             ) from exc
         try:
             return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
+        except RecursionError:
+            raise DecodeError(
+                "payload is not valid JSON: nested too deeply to decode (Python's recursion "
+                f"limit, about {sys.getrecursionlimit()} levels)"
+            ) from None
+        except ValueError as exc:
             raise DecodeError(f"payload is not valid JSON: {exc}") from exc
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy import Connection, Engine, Insert, Table, event, make_url
 from sqlalchemy import create_engine as sa_create_engine
@@ -21,12 +23,72 @@ _DRIVER_HINTS = {
 }
 
 
+#: Query parameters whose value is a secret (``?password=...``), matched on the
+#: lower-cased name: these words anywhere in it, or a name ending in ``_key``.
+_SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token", "credential", "apikey")
+_HIDDEN = "***"
+# Inside free text (a driver's message, a log value): the password of user info,
+# and the value of a secret-looking query parameter.
+_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^\s:/@?#]*:)[^\s@/]*(?=@)")
+_QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[\w.-]+)=)(?P<value>[^&#\s'\"]*)")
+
+
+def is_secret_parameter(name: str) -> bool:
+    """Whether a URL query parameter of this name carries a secret."""
+    n = name.lower().replace("-", "_")
+    return n == "key" or n.endswith("_key") or any(w in n for w in _SECRET_WORDS)
+
+
 def safe_url(url: str | URL) -> str:
-    """The URL as text with any password hidden, for logs and error messages."""
+    """The URL as text with any password hidden, for logs and error messages.
+
+    Hides the password of the user info and the value of every query parameter
+    that looks secret (``password``, ``sslpassword``, ``token``, ``secret_key``, ...).
+    """
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
         return "<unparseable database URL>"
+    if not parsed.query:
+        return parsed.render_as_string(hide_password=True)
+    base = parsed.set(query={}).render_as_string(hide_password=True)
+    parts = []
+    for name in sorted(parsed.query):
+        value = parsed.query[name]
+        for item in (value,) if isinstance(value, str) else value:
+            shown = _HIDDEN if is_secret_parameter(name) else quote_plus(item)
+            parts.append(f"{quote_plus(name)}={shown}")
+    return f"{base}?{'&'.join(parts)}"
+
+
+def url_secrets(url: str | URL) -> list[str]:
+    """The secret values a URL carries (password, secret query values), as written
+    in it and decoded, longest first: what :func:`hide_secrets` scrubs from text."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return []
+    found = [parsed.password] if parsed.password else []
+    for name, value in parsed.query.items():
+        if is_secret_parameter(name):
+            found.extend((value,) if isinstance(value, str) else value)
+    out = {v for s in found if s for v in (str(s), quote_plus(str(s)), quote(str(s), safe=""))}
+    return sorted(out, key=len, reverse=True)
+
+
+def hide_secrets(text: str, url: str | URL | None = None) -> str:
+    """``text`` with URL passwords and secret query values hidden, and, given the
+    ``url`` the text is about, every secret of that URL wherever it appears."""
+    if url is not None:
+        for secret in url_secrets(url):
+            text = text.replace(secret, _HIDDEN)
+    if "://" in text:
+        text = _USERINFO_PASSWORD.sub(lambda m: m["head"] + _HIDDEN, text)
+    if "=" in text:
+        text = _QUERY_PARAM.sub(
+            lambda m: m["head"] + _HIDDEN if is_secret_parameter(m["name"]) else m[0], text
+        )
+    return text
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> Engine:

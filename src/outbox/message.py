@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,12 @@ MAX_ID_LENGTH = 64
 MAX_TOPIC_LENGTH = 200
 MAX_KEY_LENGTH = 200
 MAX_TAG_LENGTH = 100
+
+#: Unicode category Cc (C0 controls, DEL, C1 controls), refused in ids, topics, keys
+#: and tags: they would forge log lines and break line-based tools.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_NAMES = {"\x00": " (NUL)", "\t": " (TAB)", "\n": " (LF)", "\r": " (CR)",
+                  "\x1b": " (ESC)", "\x7f": " (DEL)"}
 
 
 class TransactionState(enum.Enum):
@@ -41,8 +48,15 @@ def _check_text(name: str, value: object, limit: int, *, required: bool) -> None
         raise MessageError(f"message {name} must not be empty")
     if len(value) > limit:
         raise MessageError(f"message {name} is {len(value)} characters; the limit is {limit}")
-    if "\x00" in value:
-        raise MessageError(f"message {name} must not contain NUL characters")
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        # Never quote the raw value: the error ends up in logs and dead-letter reasons.
+        char = bad.group()
+        raise MessageError(
+            f"message {name} must not contain control characters; found "
+            f"U+{ord(char):04X}{_CONTROL_NAMES.get(char, '')} at position {bad.start()}: "
+            "use printable text"
+        )
     if value != value.strip():
         # MySQL compares strings ignoring trailing spaces: "a " would pass for "a".
         raise MessageError(f"message {name} {value!r} must not start or end with whitespace")

@@ -67,6 +67,7 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 #: Row states of :data:`outbox_messages`.
 PENDING, SENT, DEAD = "pending", "sent", "dead"
+DISCARDED = "discarded"  # a dead row an operator gave up on: kept for audit, never sent
 
 outbox_messages = Table(
     "outbox_messages",

@@ -94,6 +94,24 @@ class AsyncOps(SyncOps):
         await self.session.close()
 
 
+class AsyncOf:
+    """A sync test publisher (it never blocks) seen as an asyncio one."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def publish(self, message: Any) -> None:
+        self.inner.publish(message)
+
+    async def close(self) -> None:
+        self.inner.close()
+
+
+class AsyncBatchOf(AsyncOf):
+    async def publish_batch(self, messages: Any) -> None:
+        self.inner.publish_batch(messages)
+
+
 def _session_signature(body: Body) -> inspect.Signature:
     params = list(inspect.signature(body).parameters.values())
     return inspect.Signature([params[0].replace(name="session"), *params[1:]])
@@ -152,8 +170,25 @@ class Model:
             return broker.async_subscriber(topic, group, **options)
         return broker.subscriber(topic, group, **options)
 
-    def publisher(self, broker: Any) -> Any:
-        return broker.async_publisher() if self.is_async else broker
+    def publisher(self, publisher: Any) -> Any:
+        """``publisher`` (sync, or an ``InMemoryBroker``) as the model's kind."""
+        if not self.is_async:
+            return publisher
+        if hasattr(publisher, "async_publisher"):
+            return publisher.async_publisher()
+        if hasattr(publisher, "publish_batch"):
+            return AsyncBatchOf(publisher)
+        return AsyncOf(publisher)
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Poll without blocking the loop (an async relay or consumer runs in it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if predicate():
+                return True
+            await asyncio.sleep(0.02)
+        return bool(predicate())
 
     def relay(self, publisher: Any, **options: Any) -> Any:
         if self.is_async:

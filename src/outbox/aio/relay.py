@@ -167,7 +167,8 @@ class AsyncRelay(RelayCore):
                     try:
                         await self._listen_on(driver)
                     finally:
-                        raw.invalidate()  # autocommit and LISTEN must not go back to the pool
+                        # Autocommit and LISTEN must not go back to the pool: close it.
+                        await conn.invalidate()
                     return
             except asyncio.CancelledError:
                 raise
