@@ -72,7 +72,7 @@ class AsyncOps(SyncOps):
 
     session: AsyncSession  # type: ignore[assignment]
 
-    def __init__(self, session: AsyncSession) -> None:  # noqa: D107
+    def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
     async def execute(self, statement: Any) -> Any:

@@ -170,7 +170,7 @@ def test_a_database_without_the_inbox_table_is_a_configuration_error(model: Mode
     consumer = model.consumer(model.subscriber(broker, TOPIC, GROUP), GROUP, handler,
                               config=NO_BACKOFF)
     order(broker, "O-5")
-    with pytest.raises(ConfigurationError, match="outbox_inbox is missing.*outbox migrate"):
+    with pytest.raises(ConfigurationError, match=r"outbox_inbox is missing.*outbox migrate"):
         consume_all(model, consumer)
     assert ran == []
     assert broker.dead_letters(TOPIC, GROUP) == []

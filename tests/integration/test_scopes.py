@@ -3,6 +3,7 @@ decorator, nested calls, the caller's own session, and misuse refused."""
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 from types import SimpleNamespace
 from typing import Any
@@ -97,10 +98,8 @@ def test_misuse_swallowed_by_the_function_still_commits_nothing(
     model: Model, tables: SimpleNamespace
 ) -> None:
     async def swallow(ops: SyncOps, no: str) -> None:
-        try:
+        with contextlib.suppress(MisuseError):
             await ops.commit()
-        except MisuseError:
-            pass
 
     debit = define_debit(model, model.outbox(), tables, then=swallow)
     with pytest.raises(MisuseError, match=r"called session\.commit\(\)"):
