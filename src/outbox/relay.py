@@ -268,7 +268,14 @@ class Relay(RelayCore):
             log.info("relay_purged", count=total)
         return total
 
+    def counts(self) -> dict[str, int]:
+        """Outbox rows per status (what ``outbox status`` prints), e.g.
+        ``{"pending": 3, "sent": 10, "dead": 0}``."""
+        with self.engine.connect() as conn:
+            return storage.counts(conn)
+
     def dead(self, limit: int = 100) -> list[storage.DeadRow]:
+        """The oldest ``limit`` dead rows, with their last error."""
         with self.engine.connect() as conn:
             return storage.list_dead(conn, limit)
 

@@ -110,7 +110,13 @@ class AsyncRelay(RelayCore):
             log.info("relay_purged", count=total)
         return total
 
+    async def counts(self) -> dict[str, int]:
+        """Outbox rows per status (what ``outbox status`` prints)."""
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(storage.counts)
+
     async def dead(self, limit: int = 100) -> list[storage.DeadRow]:
+        """The oldest ``limit`` dead rows, with their last error."""
         async with self.engine.connect() as conn:
             return await conn.run_sync(storage.list_dead, limit)
 
