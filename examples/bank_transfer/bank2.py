@@ -1,4 +1,9 @@
-"""bank2: credits account 2 once per transfer number, from the transfer messages.
+"""bank2: credits the account once per transfer number, from the transfer messages.
+
+A transfer to a frozen account (account 3) is not credited: bank2 sends it back with
+a refund message, written by a decorated function that the handler calls, so it
+joins the handler's transaction with the inbox row. A relay thread in this process
+publishes the refunds; bank1 refunds account 1 once per refund.
 
 Run with ``python -m bank_transfer.bank2 --db URL --transport-db URL`` (the SQL
 transport) or ``--transport rocketmq [--rocketmq-endpoints HOST:PORT]``; it stops
@@ -25,27 +30,30 @@ from typing import Any
 
 import structlog
 import tenacity
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from outbox import (
     ConsumerConfig,
     Delivery,
     IdempotentConsumer,
+    Outbox,
     OutboxError,
     ReceivedMessage,
     Reject,
+    RelayConfig,
     SqlTransport,
     create_engine,
 )
+from outbox.consumer import Handler
 from outbox.db import safe_url
-from outbox.typing import Subscriber
-from outbox_rocketmq import RocketMQSubscriber
+from outbox.typing import Publisher, Subscriber
+from outbox_rocketmq import RocketMQPublisher, RocketMQSubscriber
 
-from . import CONSUMER_GROUP, DEAD_LETTER_TOPIC, TOPIC
+from . import CONSUMER_GROUP, DEAD_LETTER_TOPIC, REFUND_TOPIC, TOPIC
 from .chaos import faults
 from .models import bank2_accounts as accounts
-from .models import credits
+from .models import credits, returns
 from .runtime import configure_logging, stop_on_signals, url_option
 from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
 from .validation import BadRequest, parse_account, parse_amount, parse_transfer_no
@@ -76,35 +84,63 @@ def _checked(parse: Callable[[Any], str], value: object) -> str:
         raise Reject(str(exc)) from None
 
 
-def credit(session: Session, message: ReceivedMessage) -> None:
-    """Credit the transfer. Runs in the consumer's transaction, after the inbox row
-    for this message id (the transfer number) was inserted, so it runs once."""
-    body = message.body
-    if not isinstance(body, dict):
-        raise Reject("message body must be a JSON object")
-    if body.get("transfer_no") != message.id:
-        raise Reject("transfer_no in the body differs from the message id")
-    # Only what bank1 itself accepts (validation.py): quotes, NUL characters or
-    # non-numeric accounts are refused before they reach a query.
-    _checked(parse_transfer_no, message.id)
-    amount = _amount(body.get("amount"))
-    to_account = body.get("to_account")
-    if not isinstance(to_account, str):
-        raise Reject("to_account must be a string")
-    _checked(lambda v: parse_account("to_account", v), to_account)
-    conn = session.connection()
-    credited = conn.execute(
-        update(accounts).where(accounts.c.account_no == to_account)
-        .values(balance=accounts.c.balance + amount)
-    ).rowcount
-    if credited != 1:
-        # Retrying cannot help; the dead letter keeps it for an operator.
-        raise Reject(f"bank2 has no account {to_account!r}")
-    conn.execute(credits.insert().values(
-        transfer_no=message.id, amount=amount,
-        credited_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
-    ))
-    log.info("credited", transfer_no=message.id, account=to_account, amount=str(amount))
+def make_credit(bank2_outbox: Outbox) -> Handler:
+    """The credit handler of bank2, sending refunds through ``bank2_outbox``."""
+
+    @bank2_outbox.transactional_message(
+        topic=REFUND_TOPIC, message_id="transfer_no", key="to_account",
+        payload=lambda transfer_no, to_account, amount, reason: {
+            "transfer_no": transfer_no, "amount": str(amount), "reason": reason},
+    )
+    def send_back(session: Session, transfer_no: str, to_account: str, amount: Decimal,
+                  reason: str) -> None:
+        """Record the returned transfer; its refund message commits with this row.
+
+        Called from the handler, it joins the handler's transaction: the refund, the
+        ``returns`` row and the inbox row commit together or not at all."""
+        session.execute(returns.insert().values(
+            transfer_no=transfer_no, to_account=to_account, amount=amount, reason=reason,
+            returned_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        ))
+
+    def credit(session: Session, message: ReceivedMessage) -> None:
+        """Credit the transfer, or send it back. Runs in the consumer's transaction,
+        after the inbox row for this message id (the transfer number) was inserted,
+        so it runs once."""
+        body = message.body
+        if not isinstance(body, dict):
+            raise Reject("message body must be a JSON object")
+        if body.get("transfer_no") != message.id:
+            raise Reject("transfer_no in the body differs from the message id")
+        # Only what bank1 itself accepts (validation.py): quotes, NUL characters or
+        # non-numeric accounts are refused before they reach a query.
+        _checked(parse_transfer_no, message.id)
+        amount = _amount(body.get("amount"))
+        to_account = body.get("to_account")
+        if not isinstance(to_account, str):
+            raise Reject("to_account must be a string")
+        _checked(lambda v: parse_account("to_account", v), to_account)
+        conn = session.connection()
+        frozen = conn.scalar(select(accounts.c.frozen).where(accounts.c.account_no == to_account))
+        if frozen is None:
+            # Retrying cannot help; the dead letter keeps it for an operator.
+            raise Reject(f"bank2 has no account {to_account!r}")
+        if frozen:
+            send_back(message.id, to_account, amount, f"account {to_account} is frozen")
+            log.info("sent_back", transfer_no=message.id, account=to_account,
+                     amount=str(amount))
+            return
+        conn.execute(
+            update(accounts).where(accounts.c.account_no == to_account)
+            .values(balance=accounts.c.balance + amount)
+        )
+        conn.execute(credits.insert().values(
+            transfer_no=message.id, amount=amount,
+            credited_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        ))
+        log.info("credited", transfer_no=message.id, account=to_account, amount=str(amount))
+
+    return credit
 
 
 # -- one demo run among others on a shared broker -------------------------------------
@@ -271,19 +307,30 @@ def main(argv: list[str] | None = None) -> None:
     bank2 = create_engine(args.db)
     transport_engine: Engine | None = None
     subscriber: Subscriber
+    publisher: Publisher
     rocketmq: RocketMQSubscriber | None = None
     if args.transport == ROCKETMQ:
+        config = rocketmq_config(args.rocketmq_endpoints)
         rocketmq = subscriber = RocketMQSubscriber(
-            rocketmq_config(args.rocketmq_endpoints), TOPIC, args.group,
+            config, TOPIC, args.group,
             dead_letter_topic=DEAD_LETTER_TOPIC, invisible_seconds=args.redelivery_seconds,
         )
+        publisher = RocketMQPublisher(config, [REFUND_TOPIC])
         where = f"rocketmq {args.rocketmq_endpoints}"
     else:
         transport_engine = create_engine(args.transport_db)
         transport = SqlTransport(transport_engine, poll_interval=args.poll_interval)
         subscriber = transport.subscriber(TOPIC, args.group,
                                           visibility_timeout=args.redelivery_seconds)
+        publisher = transport.publisher()
         where = safe_url(args.transport_db)
+    # bank2's own outbox: the refunds, published by a relay thread of this process
+    # (nudged right after each commit that wrote one).
+    bank2_outbox = Outbox(bank2)
+    credit = make_credit(bank2_outbox)
+    relay = bank2_outbox.relay(publisher, RelayConfig(
+        poll_interval=args.poll_interval * 4, backoff=tenacity.wait_exponential(
+            multiplier=1, min=min(1.0, args.max_backoff), max=args.max_backoff)))
     # Chaos runs only (see bank_transfer.chaos.faults): may die before acknowledging.
     subscriber = faults.wrap_subscriber(subscriber)
     filtered = OnlyRun(subscriber, args.run_id) if args.run_id else None
@@ -298,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     log.info("bank2_started", db=safe_url(args.db), transport=where, topic=TOPIC,
              group=args.group, run_id=args.run_id)
+    relay.start()
     try:
         if args.report is not None:
             with Reporter(args.report, consumer, filtered):
@@ -305,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             consumer.run(stop)
     finally:
+        relay.stop()
+        publisher.close()
         if rocketmq is not None:
             rocketmq.close()
         bank2.dispose()

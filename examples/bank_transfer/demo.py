@@ -37,7 +37,7 @@ from outbox.schema import SENT
 from outbox.storage import read_messages
 from outbox_rocketmq import RocketMQPublisher
 
-from . import CONSUMER_GROUP, TOPIC
+from . import CONSUMER_GROUP, REFUND_GROUP, TOPIC
 from .audit import Books, backlog, balances, find_problems, progress, read_books
 from .bank1 import transfer_message
 from .bank2 import ConsumerReport, read_report, run_transfer_no
@@ -46,13 +46,19 @@ from .models import transfers
 from .setup import setup, setup_transport
 from .transports import DEFAULT_ENDPOINTS, ROCKETMQ, SQL, TRANSPORTS, rocketmq_config
 
-#: (transfer number, amount as sent, should it commit?). Account 1 starts with
-#: 10000.00; TX-0006 and TX-0011 ask for more than is left (TX-0011 by one cent).
-SCRIPT: list[tuple[str, str | int, bool]] = [
-    ("TX-0001", 1000, True), ("TX-0002", "250.50", True), ("TX-0003", "999.99", True),
-    ("TX-0004", "1200.00", True), ("TX-0005", "500.25", True), ("TX-0006", "8000.00", False),
-    ("TX-0007", "1500.00", True), ("TX-0008", "750.75", True), ("TX-0009", 300, True),
-    ("TX-0010", "2000.00", True), ("TX-0011", "1498.52", False), ("TX-0012", "1498.51", True),
+#: (transfer number, amount as sent, to account, should it commit?). Account 1 starts
+#: with 10000.00; TX-0006 and TX-0011 ask for more than is left (TX-0011 by one cent).
+#: Account 3 at bank2 is frozen: TX-0013 and TX-0014 commit at bank1, bank2 sends them
+#: back, and bank1 refunds them (they come last, so no refund can change whether an
+#: earlier transfer has the funds).
+SCRIPT: list[tuple[str, str | int, str, bool]] = [
+    ("TX-0001", 1000, "2", True), ("TX-0002", "250.50", "2", True),
+    ("TX-0003", "999.99", "2", True), ("TX-0004", "1200.00", "2", True),
+    ("TX-0005", "500.25", "2", True), ("TX-0006", "8000.00", "2", False),
+    ("TX-0007", "1500.00", "2", True), ("TX-0008", "750.75", "2", True),
+    ("TX-0009", 300, "2", True), ("TX-0010", "2000.00", "2", True),
+    ("TX-0011", "1498.52", "2", False), ("TX-0012", "1000.00", "2", True),
+    ("TX-0013", "200.00", "3", True), ("TX-0014", "98.51", "3", True),
 ]
 REPEATED = "TX-0003"  # sent a second time, identically: answered 200, not debited again
 MARKER = ".bank-transfer-demo"
@@ -75,6 +81,10 @@ class Broker:
     @property
     def group(self) -> str:
         return f"{CONSUMER_GROUP}-{self.run_id}"
+
+    @property
+    def refund_group(self) -> str:
+        return f"{REFUND_GROUP}-{self.run_id}"
 
     def transfer_no(self, number: str) -> str:
         return run_transfer_no(self.run_id, number)
@@ -112,10 +122,11 @@ def send_transfers(
     client: httpx.Client, run: Run, number: Callable[[str], str] = str
 ) -> None:
     """The script's transfers, numbered by ``number`` (the run's prefix, if any)."""
-    say(f"sending {len(SCRIPT)} transfers from account 1 (bank1) to account 2 (bank2):")
-    for script_no, amount, should_commit in SCRIPT:
+    say(f"sending {len(SCRIPT)} transfers from account 1 (bank1) to accounts 2 and 3 "
+        "(bank2; account 3 is frozen):")
+    for script_no, amount, to_account, should_commit in SCRIPT:
         transfer_no = number(script_no)
-        response = post(client, transfer_no, amount)
+        response = post(client, transfer_no, amount, to_account)
         run.attempted += 1
         expected = 201 if should_commit else 409
         if response.status_code == 409:
@@ -123,25 +134,27 @@ def send_transfers(
         if response.status_code != expected:
             run.problems.append(f"{transfer_no}: expected HTTP {expected}, "
                                 f"got {response.status_code} {response.text}")
-    amount = next(a for no, a, _ in SCRIPT if no == REPEATED)
-    response = post(client, number(REPEATED), amount, note="(the same transfer again)")
+    amount = next(a for no, a, _, _ in SCRIPT if no == REPEATED)
+    response = post(client, number(REPEATED), amount, "2", note="(the same transfer again)")
     if response.status_code != 200:
         run.problems.append(f"repeated {number(REPEATED)}: expected HTTP 200, "
                             f"got {response.status_code}")
 
 
 def post(
-    client: httpx.Client, transfer_no: str, amount: str | int, note: str = ""
+    client: httpx.Client, transfer_no: str, amount: str | int, to_account: str, note: str = ""
 ) -> httpx.Response:
     response = client.post("/transfers", json={
-        "transfer_no": transfer_no, "amount": amount, "from_account": "1", "to_account": "2",
+        "transfer_no": transfer_no, "amount": amount, "from_account": "1",
+        "to_account": to_account,
     })
     try:
         body = response.json()
         outcome = body.get("status") or body.get("error")
     except (ValueError, AttributeError):
         outcome = response.text[:200]
-    line = f"  {transfer_no}  {Decimal(amount):>9.2f}  -> {response.status_code} {outcome} {note}"
+    line = (f"  {transfer_no}  {Decimal(amount):>9.2f} to {to_account}  -> "
+            f"{response.status_code} {outcome} {note}")
     say(line.rstrip())
     return response
 
@@ -209,8 +222,8 @@ def wait_consumer_ready(child: Child, report_path: Path, timeout: float = 60.0) 
 
 def wait_settled_rocketmq(bank1: Engine, bank2: Engine, report_path: Path,
                           children: list[Child], timeout: float) -> bool:
-    """Wait until bank1's outbox is drained (fallback rows), bank2 has credited every
-    committed transfer, and bank2 has seen the duplicate delivery."""
+    """Wait until both outboxes are drained, every committed transfer is credited or
+    sent back and refunded, and bank2 has seen the duplicate delivery."""
     started = time.monotonic()
     last_report = float("-inf")
     while True:
@@ -225,8 +238,8 @@ def wait_settled_rocketmq(bank1: Engine, bank2: Engine, report_path: Path,
             return True
         if elapsed - last_report >= 1.0:
             last_report = elapsed
-            say(f"  waiting: {outbox_pending} in bank1's outbox, {credited} of {committed} "
-                f"transfers credited by bank2, duplicate "
+            say(f"  waiting: {outbox_pending} in the outboxes, {credited} of {committed} "
+                f"transfers credited or refunded, duplicate "
                 f"{'seen' if duplicates else 'not yet seen'} ({elapsed:.0f} s)")
         if elapsed >= timeout:
             say(f"did not settle within {timeout:.0f} s")
@@ -234,23 +247,24 @@ def wait_settled_rocketmq(bank1: Engine, bank2: Engine, report_path: Path,
         time.sleep(0.1)
 
 
-def wait_settled(bank1: Engine, transport: SqlTransport, children: list[Child],
-                 timeout: float) -> bool:
-    """Wait until bank1's outbox is drained and bank2 has settled every message."""
+def wait_settled(bank1: Engine, bank2: Engine, transport: SqlTransport,
+                 children: list[Child], timeout: float) -> bool:
+    """Wait until both outboxes are drained and every message is settled (bank2's
+    transfers, bank1's refunds)."""
     started = time.monotonic()
     last_report = float("-inf")
     while True:
         for child in children:
             child.check_running()
-        outbox_pending, unconsumed = backlog(bank1, transport)
+        outbox_pending, unconsumed = backlog(bank1, bank2, transport)
         elapsed = time.monotonic() - started
         if outbox_pending == 0 and unconsumed == 0:
             say(f"settled after {elapsed:.1f} s")
             return True
         if elapsed - last_report >= 1.0:
             last_report = elapsed
-            say(f"  waiting: {outbox_pending} in bank1's outbox, "
-                f"{unconsumed} not yet consumed by bank2 ({elapsed:.0f} s)")
+            say(f"  waiting: {outbox_pending} in the outboxes, "
+                f"{unconsumed} not yet consumed ({elapsed:.0f} s)")
         if elapsed >= timeout:
             say(f"did not settle within {timeout:.0f} s")
             return False
@@ -259,11 +273,13 @@ def wait_settled(bank1: Engine, transport: SqlTransport, children: list[Child],
 
 def print_balances(books: Books, before: tuple[Decimal, Decimal]) -> None:
     rows = [("bank1", "1", "Zhang San", before[0], books.balance1),
-            ("bank2", "2", "Li Si", before[1], books.balance2),
+            ("bank2", "2+3", "Li Si, Wang Wu", before[1], books.balance2 + books.balance3),
             ("total", "", "", sum(before, Decimal("0.00")), books.total)]
-    say(f"{'bank':<6} {'account':<8} {'holder':<10} {'before':>10} {'after':>10}")
+    say(f"{'bank':<6} {'account':<8} {'holder':<15} {'before':>10} {'after':>10}")
     for bank, account, holder, was, now in rows:
-        say(f"{bank:<6} {account:<8} {holder:<10} {was:>10.2f} {now:>10.2f}")
+        say(f"{bank:<6} {account:<8} {holder:<15} {was:>10.2f} {now:>10.2f}")
+    say(f"bank1 refunded {len(books.refunds)} transfer(s) that bank2 sent back "
+        f"(frozen account): {', '.join(sorted(books.refunds)) or '-'}")
 
 
 def print_consumer(report: ConsumerReport) -> None:
@@ -310,9 +326,10 @@ def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout:
         setup(bank2, "bank2", reset=True)
         run.before = balances(bank1, bank2)
         say(f"setup done: balance(1) = {run.before[0]}, balance(2) = {run.before[1]}")
-        children.append(start("bank1", ["--port", str(port)], workdir, {"--db": urls["bank1"]}))
-        for name, db in (("relay", urls["bank1"]), ("bank2", urls["bank2"])):
-            children.append(start(name, [], workdir,
+        for name, db in (("bank1", urls["bank1"]), ("relay", urls["bank1"]),
+                         ("bank2", urls["bank2"])):
+            args = ["--port", str(port)] if name == "bank1" else []
+            children.append(start(name, args, workdir,
                                   {"--db": db, "--transport-db": urls["transport"]}))
         base = f"http://127.0.0.1:{port}"
         wait_healthy(children[0], f"{base}/health")
@@ -320,7 +337,7 @@ def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout:
         with httpx.Client(base_url=base, timeout=30.0) as client:
             send_transfers(client, run)
         publish_again(bank1, transport)
-        run.settled = wait_settled(bank1, transport, children, settle_timeout)
+        run.settled = wait_settled(bank1, bank2, transport, children, settle_timeout)
         run.books = read_books(bank1, bank2, transport)
         print_balances(run.books, run.before)
     finally:
@@ -354,8 +371,9 @@ def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
         setup(bank2, "bank2", reset=True)
         run.before = balances(bank1, bank2)
         say(f"setup done: balance(1) = {run.before[0]}, balance(2) = {run.before[1]}")
-        children.append(start("bank1", ["--port", str(port), *transport_args], workdir,
-                              {"--db": urls["bank1"]}))
+        children.append(start("bank1", [
+            "--port", str(port), *transport_args, "--run-id", broker.run_id,
+            "--refund-group", broker.refund_group], workdir, {"--db": urls["bank1"]}))
         children.append(start("relay", transport_args, workdir, {"--db": urls["bank1"]}))
         children.append(start("bank2", [
             *transport_args, "--group", broker.group, "--run-id", broker.run_id,
@@ -435,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"finished in {time.monotonic() - began:.1f} s")
     say(f"{'SETTLED' if run.settled else 'NOT SETTLED'} transfers={run.attempted} "
         f"committed={len(books.transfers)} rolled_back={len(run.refused)} "
-        f"credited={len(books.credits)} duplicates_ignored={books.duplicates_ignored} "
+        f"credited={len(books.credits)} refunded={len(books.refunds)} "
+        f"duplicates_ignored={books.duplicates_ignored} "
         f"total_before={sum(before, Decimal('0.00')):.2f} total_after={books.total:.2f} "
         f"conserved={'no' if broken else 'yes'}")
     return 1 if broken or run.problems else 0

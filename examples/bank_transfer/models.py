@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -69,6 +70,8 @@ def _accounts(metadata: MetaData) -> Table:
         Column("account_name", String(100), nullable=False),
         Column("account_no", String(ACCOUNT_NO_LENGTH), nullable=False, unique=True),
         Column("balance", Money(), nullable=False),
+        # A frozen account takes no credit: bank2 sends the money back instead.
+        Column("frozen", Boolean(), nullable=False, default=False),
         # Last line of defence: no bug may take an account below zero.
         CheckConstraint("balance >= 0", name="ck_accounts_balance_not_negative"),
     )
@@ -85,6 +88,15 @@ transfers = Table(
     Column("amount", Money(), nullable=False),
     Column("created_at", DateTime(timezone=False), nullable=False),
 )
+#: Transfers bank2 sent back (a refund message), credited to account 1 once each.
+refunds = Table(
+    "refunds",
+    bank1_metadata,
+    Column("transfer_no", String(TRANSFER_NO_LENGTH), primary_key=True),
+    Column("amount", Money(), nullable=False),
+    Column("reason", String(200), nullable=False),
+    Column("refunded_at", DateTime(timezone=False), nullable=False),
+)
 
 bank2_metadata = MetaData()
 bank2_accounts = _accounts(bank2_metadata)
@@ -95,6 +107,16 @@ credits = Table(
     Column("amount", Money(), nullable=False),
     Column("credited_at", DateTime(timezone=False), nullable=False),
 )
+#: Transfers bank2 refused to credit (a rule of bank2's) and sent back to bank1.
+returns = Table(
+    "returns",
+    bank2_metadata,
+    Column("transfer_no", String(TRANSFER_NO_LENGTH), primary_key=True),
+    Column("to_account", String(ACCOUNT_NO_LENGTH), nullable=False),
+    Column("amount", Money(), nullable=False),
+    Column("reason", String(200), nullable=False),
+    Column("returned_at", DateTime(timezone=False), nullable=False),
+)
 
 
 @dataclass(frozen=True)
@@ -103,9 +125,16 @@ class Seed:
     account_name: str
     account_no: str
     balance: Decimal
+    frozen: bool = False
 
 
-BANKS: dict[BankName, tuple[MetaData, Table, Seed]] = {
-    "bank1": (bank1_metadata, bank1_accounts, Seed(1, "Zhang San", "1", Decimal("10000.00"))),
-    "bank2": (bank2_metadata, bank2_accounts, Seed(2, "Li Si", "2", Decimal("0.00"))),
+#: Account 3 (Wang Wu, bank2) is frozen: transfers to it come back to account 1.
+FROZEN_ACCOUNT = "3"
+
+BANKS: dict[BankName, tuple[MetaData, Table, tuple[Seed, ...]]] = {
+    "bank1": (bank1_metadata, bank1_accounts,
+              (Seed(1, "Zhang San", "1", Decimal("10000.00")),)),
+    "bank2": (bank2_metadata, bank2_accounts,
+              (Seed(2, "Li Si", "2", Decimal("0.00")),
+               Seed(3, "Wang Wu", FROZEN_ACCOUNT, Decimal("0.00"), frozen=True))),
 }

@@ -19,23 +19,25 @@ from .models import BANKS, BankName
 
 
 def setup(engine: Engine, bank: BankName, *, reset: bool = False) -> None:
-    """Create the bank's tables and the outbox tables, and seed its account if absent.
+    """Create the bank's tables and the outbox tables, and seed its accounts if absent.
 
     ``reset`` first drops them all, so that a run on a server database can repeat.
     """
-    metadata, accounts, seed = BANKS[bank]
+    metadata, accounts, seeds = BANKS[bank]
     if reset:
         metadata.drop_all(engine)
         outbox.metadata.drop_all(engine)
     metadata.create_all(engine)
     outbox.metadata.create_all(engine)
     with engine.begin() as conn:
-        found = conn.scalar(select(accounts.c.id).where(accounts.c.account_no == seed.account_no))
-        if found is None:
-            conn.execute(accounts.insert().values(
-                id=seed.id, account_name=seed.account_name, account_no=seed.account_no,
-                balance=seed.balance,
-            ))
+        for seed in seeds:
+            found = conn.scalar(select(accounts.c.id)
+                                .where(accounts.c.account_no == seed.account_no))
+            if found is None:
+                conn.execute(accounts.insert().values(
+                    id=seed.id, account_name=seed.account_name, account_no=seed.account_no,
+                    balance=seed.balance, frozen=seed.frozen,
+                ))
 
 
 def setup_transport(engine: Engine, *, reset: bool = False) -> None:

@@ -46,7 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
-from .db import insert_ignore, lock_for_writing, safe_url, supports_skip_locked
+from .db import dialect_name, insert_ignore, lock_for_writing, safe_url, supports_skip_locked
 from .errors import BrokerUnavailableError, ConfigurationError, PublishError
 from .message import Message
 from .schema import (
@@ -275,6 +275,12 @@ def claim(conn: Connection, topic: str, group: str, max_messages: int,
     """Claim up to ``max_messages`` visible deliveries of ``topic`` for ``group``,
     hiding them for ``visibility_timeout`` seconds."""
     now = utcnow()
+    if dialect_name(conn) == "mysql":
+        # InnoDB's default REPEATABLE READ puts next-key locks on the ranges a claim
+        # scans, and concurrent claims deadlock on each other's ranges. Row locks are
+        # all a claim needs (rows another claim holds are skipped). The connection gets
+        # its usual level back when it returns to the pool.
+        conn.execution_options(isolation_level="READ COMMITTED")
     with conn.begin():
         lock_for_writing(conn, deliveries)
         # Give this group a delivery row for every message it has not seen yet.
@@ -360,6 +366,12 @@ class SqlTransport:
         with self.engine.connect() as conn:
             return fn(conn, *args, **kwargs)
 
+    def _call(self, fn: Callable[Concatenate[Connection, P], R], /,
+              *args: P.args, **kwargs: P.kwargs) -> R:
+        """:meth:`_run` for publishers and subscribers: errors become the project's."""
+        with wrapped_errors(self.engine.url):
+            return self._run(fn, *args, **kwargs)
+
     def create_tables(self) -> None:
         """Create the queue tables if they are missing."""
         self._run(create_tables)
@@ -414,8 +426,7 @@ class SqlPublisher:
         self.publish_batch([message])
 
     def publish_batch(self, messages_: Sequence[Message]) -> None:
-        with wrapped_errors(self.engine.url):
-            self.transport._run(insert_messages, messages_)
+        self.transport._call(insert_messages, messages_)
 
     def close(self) -> None:
         pass
@@ -435,25 +446,21 @@ class SqlSubscriber:
     def fetch(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
         wait = PollWait(wait_seconds, self.transport.poll_interval)
         while True:
-            with wrapped_errors(self.transport.engine.url):
-                found = self.transport._run(claim, self.topic, self.group, max_messages,
-                                            self.visibility_timeout)
+            found = self.transport._call(claim, self.topic, self.group, max_messages,
+                                         self.visibility_timeout)
             pause = wait.pause(found)
             if pause is None:
                 return found
             time.sleep(pause)
 
     def ack(self, delivery: Delivery) -> None:
-        with wrapped_errors(self.transport.engine.url):
-            self.transport._run(mark_done, self.group, delivery)
+        self.transport._call(mark_done, self.group, delivery)
 
     def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        with wrapped_errors(self.transport.engine.url):
-            self.transport._run(mark_retry, self.group, delivery, delay_seconds, error)
+        self.transport._call(mark_retry, self.group, delivery, delay_seconds, error)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        with wrapped_errors(self.transport.engine.url):
-            self.transport._run(mark_dead, self.group, delivery, reason)
+        self.transport._call(mark_dead, self.group, delivery, reason)
 
     def close(self) -> None:
         pass

@@ -4,18 +4,29 @@
 group, the same delivery state the SQL transport keeps: attempts, visibility,
 acknowledgement, retry delay and dead letters. It is thread-safe and lives only
 as long as the process.
+
+The broker is itself the sync publisher; :meth:`InMemoryBroker.subscriber` hands
+out sync subscribers. :meth:`InMemoryBroker.async_publisher` and
+:meth:`InMemoryBroker.async_subscriber` are their asyncio forms over the same
+state, so a test may publish sync and consume async, or the other way round.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .errors import BrokerUnavailableError, PublishError
 from .message import Message
+from .sql_transport import PollWait
 from .transport import Delivery
+
+#: How often a waiting fetch looks again without being woken (a retry delay ending).
+_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -31,12 +42,23 @@ class _Group:
     states: dict[int, _State] = field(default_factory=dict)
 
 
+class _Subscription:
+    """What a subscriber of either form is: one topic, one group, one timeout."""
+
+    def __init__(self, broker: InMemoryBroker, topic: str, group: str,
+                 visibility_timeout: float) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.group = group
+        self.visibility_timeout = visibility_timeout
+
+
 class InMemoryBroker:
     """Publisher and subscriber factory in memory.
 
-    ``fail_next(n)`` makes the next ``n`` publishes raise BrokerUnavailableError, to
-    test a relay's backoff. ``deliver_again(message_id)`` puts a copy of a published
-    message back on its topic, to test de-duplication.
+    ``fail_next(n)`` makes the next ``n`` publishes (sync or async) raise
+    BrokerUnavailableError, to test a relay's backoff. ``deliver_again(message_id)``
+    puts a copy of a published message back on its topic, to test de-duplication.
     """
 
     def __init__(self) -> None:
@@ -44,26 +66,24 @@ class InMemoryBroker:
         self._log: list[Delivery] = []
         self._groups: dict[tuple[str, str], _Group] = {}
         self._fail_next = 0
+        # Wake-up calls of async fetches waiting in some event loop.
+        self._watchers: set[Callable[[], object]] = set()
         self.published: list[Message] = []
 
     # publisher side
     def publish(self, message: Message) -> None:
-        with self._lock:
-            if self._fail_next > 0:
-                self._fail_next -= 1
-                raise BrokerUnavailableError("in-memory broker told to fail this publish")
-            self.published.append(message)
-            self._append(Delivery(topic=message.topic, payload=message.payload,
-                                  message_id=message.id, attempt=0, key=message.key,
-                                  tag=message.tag, headers=dict(message.headers)))
+        self._accept([message], validate=False)
 
     def publish_batch(self, messages: Sequence[Message]) -> None:
         """Publish all of ``messages`` or, if told to fail, none of them."""
+        self._accept(messages, validate=True)
+
+    def _accept(self, messages: Sequence[Message], *, validate: bool) -> None:
         with self._lock:
             if self._fail_next > 0:
                 self._fail_next -= 1
                 raise BrokerUnavailableError("in-memory broker told to fail this publish")
-            for message in messages:
+            for message in messages if validate else ():
                 if not isinstance(message.payload, bytes) or not message.id:
                     # Like a database refusing one row: the whole batch is refused.
                     raise PublishError(f"in-memory broker refused message {message.id!r}")
@@ -80,7 +100,23 @@ class InMemoryBroker:
 
     def _append(self, delivery: Delivery) -> None:
         self._log.append(delivery)
+        self._changed()
+
+    def _changed(self) -> None:
+        """Wake every waiting fetch, sync or async (the lock is held)."""
         self._lock.notify_all()
+        for wake in self._watchers:
+            wake()
+
+    @contextlib.contextmanager
+    def _watching(self, wake: Callable[[], object]) -> Iterator[None]:
+        with self._lock:
+            self._watchers.add(wake)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._watchers.discard(wake)
 
     def deliver_again(self, message_id: str) -> None:
         with self._lock:
@@ -102,13 +138,25 @@ class InMemoryBroker:
                    ) -> InMemorySubscriber:
         return InMemorySubscriber(self, topic, group, visibility_timeout)
 
+    def async_publisher(self) -> InMemoryAsyncPublisher:
+        """An AsyncPublisher (and AsyncBatchPublisher) onto this broker."""
+        return InMemoryAsyncPublisher(self)
+
+    def async_subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
+                         ) -> InMemoryAsyncSubscriber:
+        """An AsyncSubscriber of ``topic`` for ``group``: it shares deliveries with the
+        sync subscribers of that group, and its fetch waits with asyncio."""
+        return InMemoryAsyncSubscriber(self, topic, group, visibility_timeout)
+
     def dead_letters(self, topic: str, group: str) -> list[tuple[Delivery, str | None]]:
         with self._lock:
             g = self._groups.get((topic, group), _Group())
             return [(self._log[i], s.last_error) for i, s in sorted(g.states.items())
                     if s.status == "dead"]
 
-    def _fetch(self, sub: InMemorySubscriber, max_messages: int) -> list[Delivery]:
+    # the state machine of deliveries, for subscribers of both forms
+    def _fetch(self, sub: _Subscription, max_messages: int) -> list[Delivery]:
+        """Claim up to ``max_messages`` visible deliveries (the lock is held)."""
         now = time.monotonic()
         g = self._groups.setdefault((sub.topic, sub.group), _Group())
         out: list[Delivery] = []
@@ -127,43 +175,106 @@ class InMemoryBroker:
                 break
         return out
 
+    def _state(self, sub: _Subscription, delivery: Delivery) -> _State:
+        return self._groups[(sub.topic, sub.group)].states[delivery.handle]
 
-class InMemorySubscriber:
-    def __init__(self, broker: InMemoryBroker, topic: str, group: str, visibility_timeout: float):
-        self.broker = broker
-        self.topic = topic
-        self.group = group
-        self.visibility_timeout = visibility_timeout
+    def _ack(self, sub: _Subscription, delivery: Delivery) -> None:
+        with self._lock:
+            self._state(sub, delivery).status = "done"
 
-    def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
-        deadline = time.monotonic() + wait_seconds
-        with self.broker._lock:
-            while True:
-                found = self.broker._fetch(self, max_messages)
-                remaining = deadline - time.monotonic()
-                if found or remaining <= 0:
-                    return found
-                self.broker._lock.wait(min(remaining, 0.05))
-
-    def _state(self, delivery: Delivery) -> _State:
-        return self.broker._groups[(self.topic, self.group)].states[delivery.handle]
-
-    def ack(self, delivery: Delivery) -> None:
-        with self.broker._lock:
-            self._state(delivery).status = "done"
-
-    def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        with self.broker._lock:
-            state = self._state(delivery)
+    def _retry(self, sub: _Subscription, delivery: Delivery, delay_seconds: float,
+               error: str) -> None:
+        with self._lock:
+            state = self._state(sub, delivery)
             state.visible_at = time.monotonic() + delay_seconds
             state.last_error = error
-            self.broker._lock.notify_all()
+            self._changed()
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        with self.broker._lock:
-            state = self._state(delivery)
+    def _dead_letter(self, sub: _Subscription, delivery: Delivery, reason: str) -> None:
+        with self._lock:
+            state = self._state(sub, delivery)
             state.status = "dead"
             state.last_error = reason
 
+
+class InMemorySubscriber(_Subscription):
+    """Subscriber of one topic for one consumer group of the broker."""
+
+    def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
+        wait = PollWait(wait_seconds, _POLL_SECONDS)
+        with self.broker._lock:
+            while True:
+                found = self.broker._fetch(self, max_messages)
+                pause = wait.pause(found)
+                if pause is None:
+                    return found
+                self.broker._lock.wait(pause)
+
+    def ack(self, delivery: Delivery) -> None:
+        self.broker._ack(self, delivery)
+
+    def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
+        self.broker._retry(self, delivery, delay_seconds, error)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.broker._dead_letter(self, delivery, reason)
+
     def close(self) -> None:
+        pass
+
+
+class InMemoryAsyncPublisher:
+    """The broker's publishing, awaited; ``fail_next`` applies to it as well."""
+
+    def __init__(self, broker: InMemoryBroker) -> None:
+        self.broker = broker
+
+    async def publish(self, message: Message) -> None:
+        self.broker.publish(message)
+
+    async def publish_batch(self, messages: Sequence[Message]) -> None:
+        """Publish all of ``messages`` or, if told to fail, none of them."""
+        self.broker.publish_batch(messages)
+
+    async def close(self) -> None:
+        pass
+
+
+class InMemoryAsyncSubscriber(_Subscription):
+    """AsyncSubscriber of one topic for one consumer group of the broker."""
+
+    async def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
+        """Deliveries as the sync fetch hands them out; the wait is an asyncio one,
+        woken by a publish from this loop or from any thread."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:  # called by publishers, from any thread
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+                loop.call_soon_threadsafe(woken.set)
+
+        wait = PollWait(wait_seconds, _POLL_SECONDS)
+        # The broker's lock is only ever held briefly (a sync fetch releases it while
+        # it waits), so taking it here does not stall the event loop.
+        with self.broker._watching(wake):
+            while True:
+                woken.clear()  # before looking: a publish after this wakes the wait below
+                with self.broker._lock:
+                    found = self.broker._fetch(self, max_messages)
+                pause = wait.pause(found)
+                if pause is None:
+                    return found
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), pause)
+
+    async def ack(self, delivery: Delivery) -> None:
+        self.broker._ack(self, delivery)
+
+    async def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
+        self.broker._retry(self, delivery, delay_seconds, error)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.broker._dead_letter(self, delivery, reason)
+
+    async def close(self) -> None:
         pass

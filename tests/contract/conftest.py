@@ -1,14 +1,25 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from .transports import MemoryUnderTest, SqlUnderTest, TransportUnderTest
+from .transports import (
+    AsyncMemoryUnderTest,
+    AsyncSqlUnderTest,
+    Features,
+    MemoryUnderTest,
+    SqlUnderTest,
+    TransportUnderTest,
+)
 
-FEATURES = {
-    "memory": MemoryUnderTest.features,
-    "sqlite": SqlUnderTest.features,
-    "postgres": SqlUnderTest.features,
-    "mariadb": SqlUnderTest.features,
+#: What each (backend, flavour) declares; the async form of a transport declares
+#: what its sync twin does.
+FEATURES: dict[tuple[str, str], Features] = {
+    ("memory", "sync"): MemoryUnderTest.features,
+    ("memory", "async"): AsyncMemoryUnderTest.features,
+    **{(db, "sync"): SqlUnderTest.features for db in ("sqlite", "postgres", "mariadb")},
+    **{(db, "async"): AsyncSqlUnderTest.features for db in ("sqlite", "postgres", "mariadb")},
 }
 
 
@@ -19,8 +30,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         marker = item.get_closest_marker("needs")
         callspec = getattr(item, "callspec", None)
-        backend = callspec.params.get("backend") if callspec else None
-        if marker and backend in FEATURES and not getattr(FEATURES[backend], marker.args[0]):
+        key = (callspec.params.get("backend"), callspec.params.get("flavour")) if callspec else None
+        if marker and key in FEATURES and not getattr(FEATURES[key], marker.args[0]):
             dropped.append(item)
         else:
             keep.append(item)
@@ -42,8 +53,24 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def transport(backend: str, request: pytest.FixtureRequest) -> TransportUnderTest:
+@pytest.fixture(params=["sync", "async"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    """Which form of the transport: ``sync``, or ``async`` (driven from a private loop)."""
+    return str(request.param)
+
+
+def make_transport(backend: str, flavour: str, request: pytest.FixtureRequest
+                   ) -> TransportUnderTest:
     if backend == "memory":
-        return MemoryUnderTest()
-    return SqlUnderTest(request.getfixturevalue("engine"), request.getfixturevalue("db_url"))
+        return MemoryUnderTest() if flavour == "sync" else AsyncMemoryUnderTest()
+    engine = request.getfixturevalue("engine")  # clean tables on that database
+    url = request.getfixturevalue("db_url")
+    return SqlUnderTest(engine, url) if flavour == "sync" else AsyncSqlUnderTest(url)
+
+
+@pytest.fixture
+def transport(backend: str, flavour: str, request: pytest.FixtureRequest
+              ) -> Iterator[TransportUnderTest]:
+    under = make_transport(backend, flavour, request)
+    yield under
+    under.close()

@@ -269,8 +269,8 @@ def test_malformed_delivery_is_dead_lettered(engine: Engine, tables: SimpleNames
     assert reasons == [
         "undecodable message: delivery is not a valid message: message key is 201 characters; "
         "the limit is 200",
-        "undecodable message: delivery is not a valid message: message id must not contain NUL "
-        "characters",
+        "undecodable message: delivery is not a valid message: message id must not contain "
+        "control characters; found U+0000 (NUL) at position 1: use printable text",
     ]
     assert inbox_ids(engine) == []
 

@@ -142,6 +142,10 @@ class CrashingProducer(RocketMQTransactionalProducer):
         FAULTS.maybe_crash("before_half_send")
         return super().prepare(outbox, message)
 
+    async def aprepare(self, outbox: Any, message: Message) -> Any:
+        FAULTS.maybe_crash("before_half_send")
+        return await super().aprepare(outbox, message)
+
     def _started(self) -> Any:
         return _CrashingClient(super()._started())
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
-from typing import Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,6 +26,32 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _OWNER = "AsyncSqlTransport"
+
+
+async def _to_completion(operation: Coroutine[Any, Any, R]) -> R:
+    """Await ``operation`` in a task of its own that a cancellation does not cut short.
+
+    A cancellation that arrives meanwhile is re-raised once the operation has
+    finished (its transaction committed or rolled back and its connection closed).
+    Cut off inside a statement, an aiosqlite connection keeps its write transaction,
+    and with it the lock on the whole database file, for as long as anything still
+    references the aborted cursor; an operation here takes milliseconds, so waiting
+    for it keeps cancellation prompt.
+    """
+    task = asyncio.ensure_future(operation)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():
+            raise  # the operation itself was cancelled, e.g. by the loop shutting down
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                continue  # already on the way out; the operation still finishes first
+        if not task.cancelled():
+            task.exception()  # its outcome is dropped with the cancellation, not reported
+        raise
 
 
 class AsyncSqlTransport:
@@ -44,8 +70,18 @@ class AsyncSqlTransport:
 
     async def _run(self, fn: Callable[Concatenate[Connection, P], R], /,
                    *args: P.args, **kwargs: P.kwargs) -> R:
+        return await _to_completion(self._run_now(fn, *args, **kwargs))
+
+    async def _run_now(self, fn: Callable[Concatenate[Connection, P], R], /,
+                       *args: P.args, **kwargs: P.kwargs) -> R:
         async with self.engine.connect() as conn:
             return await conn.run_sync(fn, *args, **kwargs)
+
+    async def _call(self, fn: Callable[Concatenate[Connection, P], R], /,
+                    *args: P.args, **kwargs: P.kwargs) -> R:
+        """:meth:`_run` for publishers and subscribers: errors become the project's."""
+        with wrapped_errors(self.engine.url, _OWNER):
+            return await self._run(fn, *args, **kwargs)
 
     async def create_tables(self) -> None:
         """Create the queue tables if they are missing."""
@@ -100,8 +136,7 @@ class AsyncSqlPublisher:
 
     async def publish_batch(self, messages: Sequence[Message]) -> None:
         """Publish all of ``messages`` in one transaction, or none of them."""
-        with wrapped_errors(self.transport.engine.url, _OWNER):
-            await self.transport._run(sql.insert_messages, messages)
+        await self.transport._call(sql.insert_messages, messages)
 
     async def close(self) -> None:
         pass
@@ -121,32 +156,28 @@ class AsyncSqlSubscriber:
     async def fetch(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, waiting up to ``wait_seconds`` for the first.
 
-        Cancelling the task stops the wait at once. A claim whose transaction had
-        committed when the cancellation arrived is not handed out; those deliveries
-        stay hidden until their visibility timeout and are then delivered again, so
-        nothing is lost, only delayed.
+        Cancelling the task stops a pause between polls at once, and a poll in
+        progress as soon as its transaction has ended. Deliveries that poll claimed are
+        then not handed out: they stay hidden until their visibility timeout and are
+        delivered again after it, so nothing is lost, only delayed.
         """
         wait = PollWait(wait_seconds, self.transport.poll_interval)
         while True:
-            with wrapped_errors(self.transport.engine.url, _OWNER):
-                found = await self.transport._run(sql.claim, self.topic, self.group,
-                                                  max_messages, self.visibility_timeout)
+            found = await self.transport._call(sql.claim, self.topic, self.group,
+                                               max_messages, self.visibility_timeout)
             pause = wait.pause(found)
             if pause is None:
                 return found
             await asyncio.sleep(pause)
 
     async def ack(self, delivery: Delivery) -> None:
-        with wrapped_errors(self.transport.engine.url, _OWNER):
-            await self.transport._run(sql.mark_done, self.group, delivery)
+        await self.transport._call(sql.mark_done, self.group, delivery)
 
     async def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        with wrapped_errors(self.transport.engine.url, _OWNER):
-            await self.transport._run(sql.mark_retry, self.group, delivery, delay_seconds, error)
+        await self.transport._call(sql.mark_retry, self.group, delivery, delay_seconds, error)
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        with wrapped_errors(self.transport.engine.url, _OWNER):
-            await self.transport._run(sql.mark_dead, self.group, delivery, reason)
+        await self.transport._call(sql.mark_dead, self.group, delivery, reason)
 
     async def close(self) -> None:
         pass
