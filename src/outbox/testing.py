@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .errors import BrokerUnavailableError, PublishError
 from .message import Message
-from .sql_transport import PollWait
+from .sql_queue import PollWait
 from .transport import Delivery
 
 #: How often a waiting fetch looks again without being woken (a retry delay ending).

@@ -1,6 +1,6 @@
 """The embedded SQL transport for asyncio: the same queue tables, the same SQL.
 
-Every operation runs the function of :mod:`outbox.sql_transport` that the sync
+Every operation runs the function of :mod:`outbox.sql_queue` that the sync
 transport calls, through ``AsyncConnection.run_sync``: SQLAlchemy runs it in a
 greenlet inside the event loop, so each database round trip is awaited (no thread
 per call) and the loop stays free for other tasks. Sync and async publishers and
@@ -17,9 +17,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .. import sql_transport as sql
+from .. import sql_queue as sql
 from ..message import Message
-from ..sql_transport import DeadLetter, PollWait, wrapped_errors
+from ..sql_queue import DeadLetter, PollWait, wrapped_errors
 from ..transport import Delivery
 
 P = ParamSpec("P")
