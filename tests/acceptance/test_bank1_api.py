@@ -1,4 +1,6 @@
-"""bank1's HTTP API: what it accepts, what it refuses, and what a refusal leaves behind."""
+"""bank1's HTTP API: what it accepts, what it refuses, and what a refusal leaves behind,
+with either way of writing the message (the decorator, or the route's own session);
+and its refund handler."""
 
 from __future__ import annotations
 
@@ -11,12 +13,23 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Engine, func, select
+from sqlalchemy.pool import NullPool
 from starlette.applications import Starlette
 
-from bank_transfer.bank1 import create_app
+from bank_transfer import REFUND_GROUP, REFUND_TOPIC
+from bank_transfer.bank1 import create_app, make_refund
+from bank_transfer.models import refunds
 from bank_transfer.setup import setup
-from outbox import JsonCodec, create_engine
+from outbox import (
+    AsyncIdempotentConsumer,
+    JsonCodec,
+    Message,
+    Outcome,
+    create_async_engine,
+    create_engine,
+)
 from outbox.schema import outbox_messages
+from outbox.testing import InMemoryBroker
 
 
 @pytest.fixture
@@ -48,9 +61,11 @@ class AppClient:
         return self.request("POST", url, **kwargs)
 
 
-@pytest.fixture
-def client(engine: Engine) -> AppClient:
-    return AppClient(create_app(engine))
+@pytest.fixture(params=["decorator", "session"])
+def client(engine: Engine, request: pytest.FixtureRequest) -> AppClient:
+    # Without a pool: every request runs in an event loop of its own.
+    async_engine = create_async_engine(engine.url, poolclass=NullPool)
+    return AppClient(create_app(async_engine, send_style=str(request.param)))
 
 
 def transfer(client: AppClient, transfer_no: str = "T-1", amount: Any = "100.00",
@@ -174,3 +189,54 @@ def test_balances_stay_exact_over_many_cents(client: AppClient) -> None:
     for n in range(30):
         assert transfer(client, f"T-{n}", "0.10").status_code == 201
     assert Decimal(balance(client)) == Decimal("10000.00") - 30 * Decimal("0.10")
+
+
+# -- refunds: bank2 sent a transfer back ----------------------------------------------
+
+
+def refund_message(transfer_no: str, amount: str) -> Message:
+    return Message(topic=REFUND_TOPIC, id=transfer_no, payload=JsonCodec().encode(
+        {"transfer_no": transfer_no, "amount": amount, "reason": "account 3 is frozen"}))
+
+
+def consume_refunds(engine: Engine, broker: InMemoryBroker) -> list[Outcome]:
+    async def run() -> list[Outcome]:
+        async_engine = create_async_engine(engine.url, poolclass=NullPool)
+        consumer = AsyncIdempotentConsumer(
+            async_engine, broker.async_subscriber(REFUND_TOPIC, REFUND_GROUP), REFUND_GROUP,
+            make_refund())
+        subscriber = consumer.subscriber
+        return [await consumer.handle(d) for d in await subscriber.fetch(10, 0.0)]
+
+    return asyncio.run(run())
+
+
+def test_a_refund_credits_account_1_once(client: AppClient, engine: Engine) -> None:
+    assert transfer(client, "T-1", "100.00", to_account="3").status_code == 201
+    broker = InMemoryBroker()
+    broker.publish(refund_message("T-1", "100.00"))
+    broker.deliver_again("T-1")
+    assert consume_refunds(engine, broker) == [Outcome.PROCESSED, Outcome.DUPLICATE]
+    assert balance(client) == "10000.00"
+    with engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(select(refunds.c.transfer_no, refunds.c.amount))
+                ] == [("T-1", Decimal("100.00"))]
+
+
+@pytest.mark.parametrize(("message", "reason"), [
+    (refund_message("T-9", "100.00"), "matches no transfer"),
+    (refund_message("T-1", "100.01"), "matches no transfer"),
+    (refund_message("T-1", "-1"), "greater than zero"),
+    (Message(topic=REFUND_TOPIC, id="T-1", payload=b'{"transfer_no": "T-2"}'),
+     "its message id"),
+])
+def test_a_refund_bank1_never_owed_is_dead_lettered(
+    client: AppClient, engine: Engine, message: Message, reason: str
+) -> None:
+    assert transfer(client, "T-1", "100.00", to_account="3").status_code == 201
+    broker = InMemoryBroker()
+    broker.publish(message)
+    assert consume_refunds(engine, broker) == [Outcome.DEAD]
+    [(_, dead_reason)] = broker.dead_letters(REFUND_TOPIC, REFUND_GROUP)
+    assert dead_reason is not None and reason in dead_reason
+    assert balance(client) == "9900.00"

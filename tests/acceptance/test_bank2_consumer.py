@@ -1,4 +1,5 @@
-"""bank2's handler under the idempotent consumer: credit once, reject the impossible."""
+"""bank2's handler under the idempotent consumer: credit once, reject the impossible,
+send a transfer to a frozen account back (once) in the handler's transaction."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from bank_transfer import CONSUMER_GROUP, TOPIC
-from bank_transfer.bank2 import credit
-from bank_transfer.models import bank2_accounts, credits
+from bank_transfer import CONSUMER_GROUP, REFUND_TOPIC, TOPIC
+from bank_transfer.bank2 import make_credit
+from bank_transfer.models import bank2_accounts, credits, returns
 from bank_transfer.setup import setup, setup_transport
-from outbox import IdempotentConsumer, JsonCodec, Message, SqlTransport, create_engine
+from outbox import IdempotentConsumer, JsonCodec, Message, Outbox, SqlTransport, create_engine
+from outbox.schema import outbox_messages
+from outbox.storage import read_messages
 
 
 @dataclass
@@ -27,9 +30,16 @@ class Bank2:
         self.transport.publisher().publish(
             Message(topic=TOPIC, id=transfer_no, key="1", payload=JsonCodec().encode(body)))
 
-    def balance(self) -> str:
+    def balance(self, account: str = "2") -> str:
         with self.engine.connect() as conn:
-            return str(conn.scalar(select(bank2_accounts.c.balance)))
+            return str(conn.scalar(select(bank2_accounts.c.balance)
+                                   .where(bank2_accounts.c.account_no == account)))
+
+    def refunds(self) -> list[tuple[str, Any]]:
+        """bank2's outbox: the refund messages it wrote, with their bodies."""
+        with self.engine.connect() as conn:
+            return [(m.id, JsonCodec().decode(m.payload))
+                    for m in read_messages(conn, status="pending")]
 
     def credited(self) -> dict[str, str]:
         with self.engine.connect() as conn:
@@ -43,7 +53,8 @@ def bank2(tmp_path: Path) -> Iterator[Bank2]:
     transport = SqlTransport(create_engine(f"sqlite:///{tmp_path / 'broker.db'}"))
     setup_transport(transport.engine)
     consumer = IdempotentConsumer(
-        engine, transport.subscriber(TOPIC, CONSUMER_GROUP), CONSUMER_GROUP, credit)
+        engine, transport.subscriber(TOPIC, CONSUMER_GROUP), CONSUMER_GROUP,
+        make_credit(Outbox(engine)))
     yield Bank2(engine, transport, consumer)
     engine.dispose()
     transport.engine.dispose()
@@ -103,3 +114,18 @@ def test_a_well_formed_message_with_a_number_bank1_never_issues_is_not_credited(
     [dead] = bank2.transport.dead_letters(CONSUMER_GROUP)
     assert "transfer_no may only contain" in (dead.reason or "")
     assert bank2.balance() == "0.00"
+
+
+def test_a_transfer_to_a_frozen_account_is_sent_back_once(bank2: Bank2) -> None:
+    bank2.send("T-1", transfer("T-1", "100.10", to_account="3"))
+    bank2.send("T-1", transfer("T-1", "100.10", to_account="3"))
+    stats = bank2.consumer.run_once(wait_seconds=0)
+    assert (stats.processed, stats.duplicates) == (1, 1)
+    assert bank2.balance("3") == "0.00" and bank2.credited() == {}
+    assert bank2.refunds() == [("T-1", {"transfer_no": "T-1", "amount": "100.10",
+                                        "reason": "account 3 is frozen"})]
+    with bank2.engine.connect() as conn:
+        [row] = conn.execute(select(returns)).all()
+        [refund_row] = conn.execute(select(outbox_messages)).all()
+    assert (row.transfer_no, str(row.amount), row.to_account) == ("T-1", "100.10", "3")
+    assert (refund_row.topic, refund_row.key) == (REFUND_TOPIC, "3")

@@ -13,7 +13,7 @@ from sqlalchemy import make_url
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 EXPECTED = (
-    "SETTLED transfers=12 committed=10 rolled_back=2 credited=10 duplicates_ignored=1 "
+    "SETTLED transfers=14 committed=12 rolled_back=2 credited=10 refunded=2 duplicates_ignored=1 "
     "total_before=10000.00 total_after=10000.00 conserved=yes"
 )
 TIMEOUT = 180
