@@ -9,7 +9,6 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-import structlog
 from sqlalchemy import Connection, Engine, Executable, Insert, Table
 from sqlalchemy import inspect as inspect_db
 from sqlalchemy.engine import URL
@@ -26,6 +25,7 @@ from .decorator import (
     check_options,
 )
 from .errors import ConfigurationError, MisuseError
+from .log import get_logger
 from .message import Message
 from .relay import Relay, RelayConfig
 from .schema import outbox_messages, utcnow
@@ -44,7 +44,7 @@ from .storage import duplicate_id, message_row
 from .transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT, SqlAlchemyTransactionListener
 from .typing import Codec, Publisher
 
-log = structlog.get_logger("outbox")
+log = get_logger("outbox")
 
 R = TypeVar("R")
 

@@ -1,33 +1,105 @@
-"""The ``outbox`` command: migrate, inspect, replay, purge, and run a relay."""
+"""The ``outbox`` command: migrate, inspect, replay, discard, purge, and run a relay.
+
+Every mistake in the command line or the database URL ends with one line
+``outbox: error: ...`` that says what to do, and exit status 2; a database error
+ends with ``outbox: database error ...`` and exit status 1. Neither shows a password.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import logging
+import math
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
 
-import structlog
-from sqlalchemy.exc import SQLAlchemyError
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Engine, inspect, make_url
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from . import migrations, storage
-from .db import create_engine, safe_url
-from .errors import OutboxError
+from .db import create_engine, hide_secrets, safe_url
+from .errors import ConfigurationError, OutboxError
+from .log import clean, get_logger
 from .relay import Relay, RelayConfig
-from .schema import utcnow
+from .schema import outbox_messages, utcnow
 from .sql_transport import SqlTransport
+
+log = get_logger("outbox.cli")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Commands that read or change an existing database; only ``migrate`` creates one.
+NEEDS_EXISTING = frozenset({"downgrade", "status", "dead", "replay", "discard", "purge", "relay"})
+
+
+class UsageError(Exception):
+    """A command line argparse refuses; main() turns it into one error line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _whole(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not allowed; give a whole number of at least {minimum}"
+            )
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give seconds above 0, e.g. 0.5")
+    return value
+
+
+def max_days() -> int:
+    """The largest age in days a cutoff can reach back (to the year 1)."""
+    return (utcnow() - dt.datetime(1, 1, 1)).days - 1
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= max_days()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not allowed; give a number of days from 0 to {max_days()}, e.g. 30"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="outbox", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="outbox", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_, description=help_)
         c.add_argument("--db", required=True, help="database URL, e.g. sqlite:///bank1.db")
+        c.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
+                       help="what the library logs to stderr (default: info)")
         return c
 
     c = cmd("migrate", "create or upgrade the outbox tables (Alembic chain)")
@@ -35,27 +107,88 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("downgrade", "take the outbox tables down to a revision ('base' drops them)")
     c.add_argument("--revision", required=True)
     cmd("status", "count outbox rows per status")
-    c = cmd("dead", "list dead rows with their last error")
-    c.add_argument("--limit", type=int, default=100)
-    c = cmd("replay", "make dead rows pending again")
+    c = cmd("dead", "list dead rows with their last error, and the keys they park")
+    c.add_argument("--limit", type=_whole(1), default=100, help="at most this many (>= 1)")
+    c = cmd("replay", "make dead rows pending again; their keys flow on in order")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--all", action="store_true", help="replay every dead row")
     g.add_argument("--id", dest="ids", action="append", help="a message id (repeatable)")
+    c = cmd("discard", "give up on dead rows (kept for audit, never sent); their keys flow on")
+    c.add_argument("--id", dest="ids", action="append", help="a message id (repeatable)")
+    c.add_argument("--all", action="store_true", help=argparse.SUPPRESS)
     c = cmd("purge", "delete sent outbox rows and old inbox rows, in bounded batches")
-    c.add_argument("--older-than-days", type=float, required=True)
-    c.add_argument("--batch-size", type=int, default=1000)
+    c.add_argument("--older-than-days", type=_days, required=True)
+    c.add_argument("--batch-size", type=_whole(1), default=1000)
     c = cmd("relay", "publish committed outbox rows to the embedded SQL transport")
     c.add_argument("--transport-db", required=True, help="database URL of the SQL transport")
-    c.add_argument("--batch-size", type=int, default=100)
-    c.add_argument("--poll-interval", type=float, default=0.5)
-    c.add_argument("--max-attempts", type=int, default=10)
+    c.add_argument("--batch-size", type=_whole(1), default=100)
+    c.add_argument("--poll-interval", type=_seconds, default=0.5)
+    c.add_argument("--max-attempts", type=_whole(1), default=10)
     return p
 
 
-def _purge(engine: Any, days: float, batch: int) -> str:
-    if days < 0 or batch < 1:
-        raise OutboxError("--older-than-days must be >= 0 and --batch-size >= 1")
-    cutoff = utcnow() - dt.timedelta(days=days)
+def _sqlite_file(url: URL) -> Path | None:
+    """The file an SQLite URL names, or None for an in-memory database."""
+    database = url.database or ""
+    if str(url.query.get("uri", "")).lower() in ("true", "1"):
+        database = database.removeprefix("file:").split("?")[0]
+        if url.query.get("mode") == "memory":
+            return None
+    if database in ("", ":memory:"):
+        return None
+    return Path(database)
+
+
+def open_engine(url: str, option: str = "--db", *, must_exist: bool = False) -> Engine:
+    """An engine for a URL given on the command line, refusing what is malformed
+    and, with ``must_exist``, an SQLite file that is not there (instead of creating
+    an empty one)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        reason = "its port is not a number" if isinstance(exc, ValueError) else "it does not parse"
+        raise ConfigurationError(
+            f"{option} is not a database URL ({reason}); give e.g. sqlite:///bank1.db or "
+            "postgresql+psycopg://user:password@127.0.0.1:5432/bank1"
+        ) from None  # the parser's message may quote the password
+    if must_exist and parsed.get_backend_name() == "sqlite":
+        path = _sqlite_file(parsed)
+        if path is not None and not path.is_file():
+            shown = safe_url(parsed)
+            raise ConfigurationError(
+                f"database {shown} does not exist (no file {path}); create it and the "
+                f"outbox tables with `outbox migrate --db {shown}`"
+            )
+    return create_engine(parsed)
+
+
+def _require_tables(engine: Engine) -> None:
+    if not inspect(engine).has_table(outbox_messages.name):
+        shown = safe_url(engine.url)
+        raise ConfigurationError(
+            f"the outbox tables are missing in {shown}; create them with "
+            f"`outbox migrate --db {shown}`"
+        )
+
+
+def _alembic(action: Callable[[Engine, str], None], engine: Engine, revision: str) -> None:
+    try:
+        action(engine, revision)
+    except CommandError as exc:
+        script = ScriptDirectory(str(migrations.script_location()))
+        known = ", ".join(r.revision for r in script.walk_revisions())
+        raise ConfigurationError(
+            f"{exc}; give --revision head, base or one of the outbox revisions: {known}"
+        ) from None
+
+
+def _purge(engine: Engine, days: float, batch: int) -> str:
+    try:
+        cutoff = utcnow() - dt.timedelta(days=days)
+    except (OverflowError, ValueError):
+        raise ConfigurationError(
+            f"--older-than-days {days} is out of range; give 0 to {max_days()}"
+        ) from None
     totals = {"outbox": 0, "inbox": 0, "transaction_log": 0}
     for name, fn, kw in (
         ("outbox", storage.purge, "sent_before"),
@@ -66,14 +199,46 @@ def _purge(engine: Any, days: float, batch: int) -> str:
             with engine.begin() as conn:
                 n = fn(conn, batch_size=batch, **{kw: cutoff})
             totals[name] += n
-            print(f"purge {name}: {totals[name]} deleted", file=sys.stderr)
+            log.info("purge_progress", table=name, deleted=totals[name])
             if n < batch:
                 break
     return " ".join(f"{k}={v}" for k, v in totals.items())
 
 
-def _run_relay(engine: Any, args: argparse.Namespace) -> None:
-    transport = SqlTransport(create_engine(args.transport_db))
+def _dead(engine: Engine, limit: int) -> None:
+    with engine.connect() as conn:
+        dead = storage.list_dead(conn, limit)
+        parked = storage.list_parked_keys(conn, limit)
+    for row in dead:
+        print(f"{clean(row.message_id)}\t{clean(row.topic)}\t{clean(row.key or '-')}\t"
+              f"attempts={row.attempts}\t{clean(row.last_error or '')}")
+    for p in parked:
+        print(f"parked key {clean(p.key)}: {p.waiting} rows waiting behind dead "
+              f"{', '.join(clean(i) for i in p.dead_ids)}")
+    if not dead:
+        print("no dead rows", file=sys.stderr)
+    elif parked:
+        print("replay the dead rows (outbox replay) or discard them (outbox discard) "
+              "to release their keys", file=sys.stderr)
+
+
+def _discard(engine: Engine, args: argparse.Namespace) -> str:
+    if args.all or not args.ids:
+        raise ConfigurationError(
+            "discard takes the ids of the dead rows to give up on, one --id each; there is "
+            "no --all: list them with `outbox dead`"
+        )
+    ids = list(dict.fromkeys(args.ids))
+    with engine.begin() as conn:
+        n = storage.discard_dead(conn, ids)
+    if n < len(ids):
+        print(f"{len(ids) - n} of the ids named no dead row (see `outbox dead`)",
+              file=sys.stderr)
+    return f"discarded {n}"
+
+
+def _run_relay(engine: Engine, args: argparse.Namespace) -> None:
+    transport = SqlTransport(open_engine(args.transport_db, "--transport-db"))
     transport.create_tables()
     relay = Relay(engine, transport.publisher(), RelayConfig(
         batch_size=args.batch_size, poll_interval=args.poll_interval,
@@ -82,48 +247,89 @@ def _run_relay(engine: Any, args: argparse.Namespace) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"relay: {safe_url(engine.url)} -> {safe_url(transport.engine.url)}", file=sys.stderr)
+    log.info("relay_started", db=engine.url, transport_db=transport.engine.url)
     relay.run(stop)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+def _run(args: argparse.Namespace) -> None:
+    engine = open_engine(args.db, must_exist=args.command in NEEDS_EXISTING)
     try:
-        engine = create_engine(args.db)
         if args.command == "migrate":
-            migrations.upgrade(engine, args.revision)
+            _alembic(migrations.upgrade, engine, args.revision)
             print(f"outbox tables at {migrations.current(engine)} in {safe_url(engine.url)}")
-        elif args.command == "downgrade":
-            migrations.downgrade(engine, args.revision)
-            print(f"outbox tables at {migrations.current(engine) or 'base'}")
-        elif args.command == "status":
+            return
+        if args.command == "downgrade":
+            _alembic(migrations.downgrade, engine, args.revision)
+            print(f"outbox tables at {migrations.current(engine) or 'base'} "
+                  f"in {safe_url(engine.url)}")
+            return
+        _require_tables(engine)
+        if args.command == "status":
             with engine.connect() as conn:
                 counts = storage.counts(conn)
             print(" ".join(f"{k}={v}" for k, v in counts.items()))
         elif args.command == "dead":
-            with engine.connect() as conn:
-                for row in storage.list_dead(conn, args.limit):
-                    print(f"{row.message_id}\t{row.topic}\t{row.key or '-'}\t"
-                          f"attempts={row.attempts}\t{row.last_error}")
+            _dead(engine, args.limit)
         elif args.command == "replay":
             with engine.begin() as conn:
                 n = storage.replay_dead(conn, None if args.all else args.ids)
             print(f"replayed {n}")
+        elif args.command == "discard":
+            print(_discard(engine, args))
         elif args.command == "purge":
             print(_purge(engine, args.older_than_days, args.batch_size))
         elif args.command == "relay":
             _run_relay(engine, args)
-    except OutboxError as exc:
-        print(f"outbox: error: {exc}", file=sys.stderr)
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(level: str) -> Iterator[None]:
+    """The library's log on stderr for the command's run, then as it was before."""
+    logger = logging.getLogger("outbox")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def _database_error(exc: SQLAlchemyError, args: argparse.Namespace) -> str:
+    # The driver's message can quote the URL; name only the kind, the server and
+    # the first line, with every secret of the URLs given scrubbed out.
+    text = str(getattr(exc, "orig", None) or exc).splitlines()
+    first = text[0][:300] if text else type(exc).__name__
+    for url in (args.db, getattr(args, "transport_db", None)):
+        if url:
+            first = hide_secrets(first, url)
+    return f"database error ({type(exc).__name__}) on {safe_url(args.db)}: {clean(first)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"outbox: error: {clean(exc)}", file=sys.stderr)
         return 2
-    except SQLAlchemyError as exc:
-        # The driver's message can quote the URL; name only the kind and the server.
-        print(f"outbox: database error ({type(exc).__name__}) on {safe_url(args.db)}: "
-              f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}", file=sys.stderr)
-        return 1
+    with _logging_to_stderr(args.log_level):
+        try:
+            _run(args)
+        except OutboxError as exc:
+            print(f"outbox: error: {clean(exc)}", file=sys.stderr)
+            return 2
+        except SQLAlchemyError as exc:
+            print(f"outbox: {_database_error(exc, args)}", file=sys.stderr)
+            return 1
     return 0
 
+
+__all__ = ["UsageError", "main", "max_days", "open_engine"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 import tenacity
 from sqlalchemy import Engine, Executable
 from sqlalchemy import inspect as inspect_db
@@ -20,13 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from .codec import JsonCodec
 from .db import insert_ignore, safe_url
 from .errors import ConfigurationError, DecodeError, MisuseError
+from .log import get_logger
 from .relay import delay_for, exponential_backoff
 from .schema import inbox, utcnow
 from .scope import guarded_class, run_owned
 from .transport import Delivery
 from .typing import Codec, Subscriber
 
-log = structlog.get_logger("outbox.consumer")
+log = get_logger("outbox.consumer")
 
 MAX_REASON_LENGTH = 2000
 

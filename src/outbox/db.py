@@ -99,7 +99,7 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigurationError(
             f"not a database URL: {safe_url(url)!r}; expected e.g. sqlite:///bank1.db or "
             "postgresql+psycopg://user:password@127.0.0.1:5432/bank1"

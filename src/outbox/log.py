@@ -33,7 +33,7 @@ DEBUG, INFO, WARNING, ERROR, CRITICAL = (
 # overrides that can make a line display as something it is not.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_NEEDS_QUOTES = re.compile(r'[\s"=]')
+_NEEDS_QUOTES = re.compile(r'[\s"]')
 _PLAIN = (bool, int, float)
 
 # Frames between the caller and logging.Logger.log: Logger.info, Logger._emit.
@@ -66,7 +66,7 @@ def clean(value: object) -> str:
 
 
 def _quoted(text: str) -> str:
-    # Quotes only around a value with spaces, quotes or "=" (or none at all); the
+    # Quotes only around a value with spaces or quotes (or none at all); the
     # escapes of control characters stay as they are, readable.
     if text and _NEEDS_QUOTES.search(text) is None:
         return text

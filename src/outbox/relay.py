@@ -10,17 +10,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 import tenacity
 from sqlalchemy import Engine
 
 from . import storage
 from .errors import ConfigurationError
+from .log import get_logger
 from .message import Message
 from .schema import NOTIFY_CHANNEL, utcnow
 from .typing import BatchPublisher, Publisher
 
-log = structlog.get_logger("outbox.relay")
+log = get_logger("outbox.relay")
 
 MAX_ERROR_LENGTH = 2000
 
@@ -280,10 +280,25 @@ class Relay(RelayCore):
             return storage.list_dead(conn, limit)
 
     def replay(self, message_ids: Iterable[str] | None = None) -> int:
-        """Make dead rows (all, or those named) pending again; returns how many."""
+        """Make dead rows (all, or those named) pending again; returns how many. A
+        replayed row keeps its place: it goes before the rows its key held back."""
         with self.engine.begin() as conn:
             n = storage.replay_dead(conn, message_ids)
         log.info("relay_replayed", count=n)
+        self.wakeup.set()
+        return n
+
+    def parked_keys(self, limit: int = 100) -> list[storage.ParkedKey]:
+        """Keys held back by a dead row, with how many rows wait behind each."""
+        with self.engine.connect() as conn:
+            return storage.list_parked_keys(conn, limit)
+
+    def discard(self, message_ids: Iterable[str]) -> int:
+        """Give up on the named dead rows (kept as discarded, never published): the
+        rows their keys held back flow again. Returns how many."""
+        with self.engine.begin() as conn:
+            n = storage.discard_dead(conn, list(message_ids))
+        log.info("relay_discarded", count=n)
         self.wakeup.set()
         return n
 

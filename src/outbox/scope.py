@@ -20,15 +20,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
-import structlog
 from sqlalchemy import Executable, Table, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction
 
 from .errors import MisuseError, TransactionOutcomeUnknown
+from .log import get_logger
 
-log = structlog.get_logger("outbox")
+log = get_logger("outbox")
 
 #: ``session.info`` keys: who owns the session while user code runs, what the user
 #: code did wrong with it, and the scope attached to a caller-owned session.
@@ -188,6 +188,12 @@ class Scope:
         for ticket in self._take():
             _quietly(ticket.rolled_back)
 
+    def unknown(self) -> None:
+        """A caller-owned session's COMMIT failed midway: each ticket leaves its message
+        to what the database holds (a half message to the broker's check-back)."""
+        for ticket in self._take():
+            _quietly(ticket.unknown)
+
     def failed(self, exc: BaseException) -> BaseException:
         """The transaction did not commit: what the caller gets."""
         self.session.info.pop(MISUSE_KEY, None)
@@ -200,7 +206,7 @@ class Scope:
         return exc
 
 
-def _quietly(fn: Callable[[], None]) -> None:
+def _quietly(fn: Callable[[], object]) -> None:
     # After the outcome is durable, a follow-up that fails (a lost end-transaction
     # call, say) is settled by the broker's check-back or a guard row: never raise.
     try:
@@ -335,7 +341,10 @@ def _scope(session: Session) -> Scope | None:
 
 def _before_commit(session: Session) -> None:
     scope = _scope(session)
-    if scope is not None:
+    if scope is not None and session.get_nested_transaction() is None:
+        # Flush first: a flush error is a plain rollback, no COMMIT was sent. From here
+        # on, a failure is the COMMIT's own, whose outcome is unknown.
+        session.flush()
         scope.before_commit()
 
 
@@ -348,7 +357,10 @@ def _after_commit(session: Session) -> None:
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     scope = _scope(session)
     if scope is not None and transaction.parent is None:
-        scope.rolled_back()  # the root ended without a commit: rollback, close, error
+        if scope._committing:
+            scope.unknown()  # the COMMIT was sent and did not report success
+        else:
+            scope.rolled_back()  # the root ended without a commit: rollback, close, error
 
 
 def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:

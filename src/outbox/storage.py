@@ -2,6 +2,11 @@
 
 Every function takes an open :class:`~sqlalchemy.Connection` (or a Session's
 connection) inside a transaction the caller owns; nothing here commits.
+
+The order promise: rows with one key are published in ``seq`` (commit) order. A
+row that is backing off, or dead, parks its key: later pending rows of that key
+wait, while other keys and rows without a key go on. Replaying a dead row (it keeps
+its ``seq``) or discarding it releases the key, in order.
 """
 
 from __future__ import annotations
@@ -11,14 +16,34 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, delete, exists, func, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import lock_for_writing, supports_skip_locked
-from .errors import DuplicateMessageError
+from .errors import ConfigurationError, DuplicateMessageError
 from .message import Message
-from .schema import DEAD, PENDING, SENT, inbox, outbox_messages, transaction_log, utcnow
+from .schema import (
+    DEAD,
+    DISCARDED,
+    PENDING,
+    SENT,
+    inbox,
+    outbox_messages,
+    transaction_log,
+    utcnow,
+)
 
 T = outbox_messages
 
@@ -82,21 +107,24 @@ def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRo
 
     Rows another relay holds are skipped (``FOR UPDATE SKIP LOCKED``; on SQLite the
     claim takes the single write lock). A row is held back while an earlier row
-    with the same key is still pending and not part of this claim, so messages
-    with one key leave in commit order even with several relays running.
+    with the same key is still pending and not part of this claim, or dead (its key
+    is parked until the dead row is replayed or discarded), so messages with one
+    key leave in commit order even with several relays running.
     """
     lock_for_writing(conn, T)
-    # Leave out rows queued behind a same-key row that is backing off: otherwise they
-    # fill the whole batch, are all held back below, and starve every other key.
+    # Leave out rows queued behind a same-key row that is backing off or dead:
+    # otherwise they fill the whole batch, are all held back below, and starve every
+    # other key. One probe of the (key, status, seq) index per candidate row.
     waiting = T.alias("waiting")
-    behind_backoff = exists().where(
-        waiting.c.key == T.c.key, waiting.c.status == PENDING, waiting.c.seq < T.c.seq,
-        waiting.c.next_attempt_at > now,
+    parked = exists().where(
+        waiting.c.key == T.c.key, waiting.c.status.in_((PENDING, DEAD)),
+        waiting.c.seq < T.c.seq,
+        or_(waiting.c.status == DEAD, waiting.c.next_attempt_at > now),
     )
     query = (
         select(T.c.seq, T.c.message_id, T.c.topic, T.c.key, T.c.tag, T.c.headers,
                T.c.payload, T.c.attempts)
-        .where(T.c.status == PENDING, T.c.next_attempt_at <= now, ~behind_backoff)
+        .where(T.c.status == PENDING, T.c.next_attempt_at <= now, ~parked)
         .order_by(T.c.seq)
         .limit(batch_size)
     )
@@ -109,9 +137,11 @@ def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRo
     first_foreign: dict[str, int] = {}
     if keys:
         mine = {r.seq for r in rows}
+        # Pending rows seen here but not claimed are locked by another relay (or
+        # were added meanwhile); a row that died since the query above parks too.
         earlier = conn.execute(
             select(T.c.seq, T.c.key).where(
-                T.c.status == PENDING, T.c.key.in_(keys), T.c.seq < rows[-1].seq
+                T.c.status.in_((PENDING, DEAD)), T.c.key.in_(keys), T.c.seq < rows[-1].seq
             )
         ).all()
         for seq, key in earlier:
@@ -182,7 +212,7 @@ def mark_failed(conn: Connection, failures: Sequence[Failure]) -> None:
 
 
 def read_messages(conn: Connection, *, status: str = SENT, limit: int = 100) -> list[Message]:
-    """The oldest ``limit`` messages in ``status`` (pending, sent or dead)."""
+    """The oldest ``limit`` messages in ``status`` (pending, sent, dead or discarded)."""
     rows = conn.execute(
         select(T).where(T.c.status == status).order_by(T.c.seq).limit(limit)
     ).all()
@@ -199,7 +229,15 @@ class DeadRow:
     created_at: dt.datetime
 
 
+def _check_limit(limit: int) -> None:
+    # A negative LIMIT means "no limit" to SQLite; never list a whole table by accident.
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigurationError(f"limit must be a whole number of at least 1, got {limit!r}")
+
+
 def list_dead(conn: Connection, limit: int = 100) -> list[DeadRow]:
+    """The oldest ``limit`` dead rows with their last error."""
+    _check_limit(limit)
     rows = conn.execute(
         select(T.c.message_id, T.c.topic, T.c.key, T.c.attempts, T.c.last_error, T.c.created_at)
         .where(T.c.status == DEAD)
@@ -209,11 +247,65 @@ def list_dead(conn: Connection, limit: int = 100) -> list[DeadRow]:
     return [DeadRow(*r) for r in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class ParkedKey:
+    """A key whose rows wait behind dead rows: ``dead_ids`` oldest first, and how
+    many pending rows of the key wait behind the oldest of them."""
+
+    key: str
+    dead_ids: tuple[str, ...]
+    waiting: int
+
+
+def list_parked_keys(conn: Connection, limit: int = 100) -> list[ParkedKey]:
+    """Up to ``limit`` parked keys, the one parked longest first."""
+    _check_limit(limit)
+    keys = list(conn.scalars(
+        select(T.c.key)
+        .where(T.c.status == DEAD, T.c.key.is_not(None))
+        .group_by(T.c.key)
+        .order_by(func.min(T.c.seq))
+        .limit(limit)
+    ))
+    if not keys:
+        return []
+    dead_ids: dict[str, list[str]] = {k: [] for k in keys}
+    for key, message_id in conn.execute(
+        select(T.c.key, T.c.message_id)
+        .where(T.c.status == DEAD, T.c.key.in_(keys))
+        .order_by(T.c.seq)
+    ):
+        dead_ids[key].append(message_id)
+    heads = (
+        select(T.c.key, func.min(T.c.seq).label("first_seq"))
+        .where(T.c.status == DEAD, T.c.key.in_(keys))
+        .group_by(T.c.key)
+        .subquery("heads")
+    )
+    waiting: dict[str, int] = {
+        key: int(n) for key, n in conn.execute(
+            select(T.c.key, func.count())
+            .join(heads, and_(T.c.key == heads.c.key, T.c.seq > heads.c.first_seq))
+            .where(T.c.status == PENDING)
+            .group_by(T.c.key)
+        )
+    }
+    return [ParkedKey(k, tuple(dead_ids[k]), waiting.get(k, 0)) for k in keys]
+
+
+def _named_ids(message_ids: Iterable[str], what: str) -> list[str]:
+    if isinstance(message_ids, str | bytes):
+        raise ConfigurationError(f"{what} takes a list of message ids, not one string")
+    return list(message_ids)
+
+
 def replay_dead(conn: Connection, message_ids: Iterable[str] | None = None) -> int:
-    """Make dead rows pending again with fresh attempts; returns how many."""
+    """Make dead rows (all, or those named) pending again with fresh attempts;
+    returns how many. A replayed row keeps its ``seq``, so it leaves before the
+    rows of its key that waited behind it."""
     stmt = update(T).where(T.c.status == DEAD)
     if message_ids is not None:
-        ids = list(message_ids)
+        ids = _named_ids(message_ids, "replay_dead")
         if not ids:
             return 0
         stmt = stmt.where(T.c.message_id.in_(ids))
@@ -221,9 +313,22 @@ def replay_dead(conn: Connection, message_ids: Iterable[str] | None = None) -> i
     return int(result.rowcount)
 
 
+def discard_dead(conn: Connection, message_ids: Iterable[str]) -> int:
+    """Give up on the named dead rows: they become ``discarded`` (kept, with their
+    last error, for audit; never published) and their keys flow again. Only rows
+    named by id: there is deliberately no "discard all". Returns how many."""
+    ids = _named_ids(message_ids, "discard_dead")
+    if not ids:
+        return 0
+    result = conn.execute(
+        update(T).where(T.c.status == DEAD, T.c.message_id.in_(ids)).values(status=DISCARDED)
+    )
+    return int(result.rowcount)
+
+
 def counts(conn: Connection) -> dict[str, int]:
-    """Rows per status, e.g. ``{"pending": 3, "sent": 10, "dead": 0}``."""
-    out = {PENDING: 0, SENT: 0, DEAD: 0}
+    """Rows per status, e.g. ``{"pending": 3, "sent": 10, "dead": 0, "discarded": 0}``."""
+    out = {PENDING: 0, SENT: 0, DEAD: 0, DISCARDED: 0}
     for status, n in conn.execute(select(T.c.status, func.count()).group_by(T.c.status)):
         out[status] = int(n)
     return out

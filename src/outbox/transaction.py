@@ -6,19 +6,19 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import structlog
 from sqlalchemy import Executable, Select, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import MisuseError, TransactionOutcomeUnknown, TransactionRolledBack
+from .log import get_logger
 from .message import Message, TransactionState
 from .schema import outbox_messages, transaction_log, utcnow
 from .scope import outcome_unknown, run_owned, write_lock_statement
 from .storage import duplicate_id, message_row
 
-log = structlog.get_logger("outbox")
+log = get_logger("outbox")
 
 #: How long a local transaction may take before a missing log row means ROLLBACK.
 DEFAULT_LOCAL_TRANSACTION_TIMEOUT = dt.timedelta(seconds=60)

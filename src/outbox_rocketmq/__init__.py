@@ -1,5 +1,6 @@
 """RocketMQ 5 adapter for outbox: transactional half messages with check-back,
-a publisher for relays, and a subscriber for the idempotent consumer.
+a publisher for relays, and a subscriber for the idempotent consumer, each for sync
+code and for asyncio (the producer serves ``Outbox`` and ``AsyncOutbox`` alike).
 
 Install with ``pip install "outbox[rocketmq]"``; it uses the official gRPC client
 (``rocketmq-python-client``), imported only when first needed.
@@ -7,10 +8,12 @@ Install with ``pip install "outbox[rocketmq]"``; it uses the official gRPC clien
 
 from .config import RocketMQConfig
 from .producer import RocketMQTransactionalProducer
-from .publisher import RocketMQPublisher
-from .subscriber import RocketMQSubscriber
+from .publisher import AsyncRocketMQPublisher, RocketMQPublisher
+from .subscriber import AsyncRocketMQSubscriber, RocketMQSubscriber
 
 __all__ = [
+    "AsyncRocketMQPublisher",
+    "AsyncRocketMQSubscriber",
     "RocketMQConfig",
     "RocketMQPublisher",
     "RocketMQSubscriber",

@@ -14,14 +14,13 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
-
 from outbox.errors import (
     BrokerUnavailableError,
     ConfigurationError,
     OutboxError,
     PublishError,
 )
+from outbox.log import get_logger
 from outbox.message import Message
 from outbox.transport import Delivery
 
@@ -67,7 +66,7 @@ def shutdown_quietly(client: Any) -> None:
     try:
         client.shutdown()
     except Exception as exc:
-        structlog.get_logger("outbox.rocketmq").warning(
+        get_logger("outbox.rocketmq").warning(
             "rocketmq_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
 
 

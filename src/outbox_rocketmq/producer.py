@@ -1,22 +1,27 @@
-"""Transactional half messages: the seed's flow as an outbox delivery adapter."""
+"""Transactional half messages: the seed's flow as an outbox delivery adapter, for the
+sync :class:`outbox.Outbox` (``prepare``) and the asyncio :class:`outbox.AsyncOutbox`
+(``aprepare``) alike."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime as dt
+import functools
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
-import structlog
-
-from outbox.app import LocalOutbox, Outbox
-from outbox.errors import BrokerUnavailableError, ConfigurationError, MessageError
+from outbox.aio.app import AsyncOutbox
+from outbox.app import BaseOutbox, LocalOutbox, Outbox
+from outbox.errors import BrokerUnavailableError, ConfigurationError, MessageError, OutboxError
+from outbox.log import get_logger
 from outbox.message import Message, TransactionState
 from outbox.schema import outbox_messages, transaction_log, utcnow
 from outbox.scope import Ticket
 from outbox.storage import settle_guard
-from outbox.transaction import TransactionLogTicket
 
+from ._aio import DEFAULT_WORKERS, BlockingCalls, FollowUps
 from ._client import (
     client_configuration,
     from_rocketmq,
@@ -26,8 +31,9 @@ from ._client import (
     wrap_error,
 )
 from .config import RocketMQConfig
+from .tickets import AsyncHalfMessageTicket, HalfMessageTicket
 
-log = structlog.get_logger("outbox.rocketmq")
+log = get_logger("outbox.rocketmq")
 
 
 class RocketMQTransactionalProducer:
@@ -56,6 +62,12 @@ class RocketMQTransactionalProducer:
     worst the consumer sees the message twice and its inbox drops the second copy.
     This costs one more INSERT in the transaction and one UPDATE after it, and
     needs a MIXED topic and a relay, as the fallback does.
+
+    The same object serves an :class:`outbox.AsyncOutbox`: the client's blocking
+    calls then run on a pool of ``workers`` threads owned by the producer, the
+    end-transaction after the local outcome is a task of the event loop (``await
+    producer.aclose()`` waits for those), and check-backs for its topics are
+    answered through that loop (``await producer.astart()`` after a restart).
     """
 
     def __init__(
@@ -65,6 +77,7 @@ class RocketMQTransactionalProducer:
         *,
         fallback_to_outbox: bool = False,
         guard_after: dt.timedelta | None = None,
+        workers: int = DEFAULT_WORKERS,
     ) -> None:
         self.config = config
         self.topics = tuple(dict.fromkeys(topics))
@@ -74,16 +87,20 @@ class RocketMQTransactionalProducer:
             raise ConfigurationError("guard_after must be a positive time")
         self.fallback_to_outbox = fallback_to_outbox
         self.guard_after = guard_after
-        self._outboxes: dict[str, Outbox] = {}
+        self._outboxes: dict[str, BaseOutbox] = {}
+        self._loops: dict[BaseOutbox, asyncio.AbstractEventLoop] = {}
+        self._loops_lock = threading.Lock()  # not _lock: a startup holds that for seconds
         #: The tables a send writes (named when one is missing).
         self.tables = (transaction_log,) if guard_after is None and not fallback_to_outbox \
             else (transaction_log, outbox_messages)
         self._producer: Any = None
         self._lock = threading.Lock()
+        self._calls = BlockingCalls("outbox-rocketmq-producer", workers)
+        self._follow_ups = FollowUps()
 
     # -- topics and check-back ----------------------------------------------------
 
-    def register(self, topic: str, outbox: Outbox) -> None:
+    def register(self, topic: str, outbox: BaseOutbox) -> None:
         """Route check-backs for ``topic`` to ``outbox``'s transaction log. Called
         by ``@transactional_message`` when it decorates a function."""
         if topic not in self.topics:
@@ -98,13 +115,44 @@ class RocketMQTransactionalProducer:
                 "check-backs must be answered from one transaction log"
             )
 
+    def _remember_loop(self, outbox: BaseOutbox, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop that answers ``outbox``'s check-backs: the first one it used us in,
+        until that loop stops."""
+        with self._loops_lock:
+            known = self._loops.get(outbox)
+            if known is None or known.is_closed() or not known.is_running():
+                self._loops[outbox] = loop
+
     def check(self, message: Message) -> TransactionState:
-        """Answer a check-back for ``message`` from the right transaction log."""
+        """Answer a check-back for ``message`` from the right transaction log (called on
+        the client's checker thread; an AsyncOutbox's log is read in its event loop)."""
         outbox = self._outboxes.get(message.topic)
         if outbox is None:
             log.error("check_back_unknown_topic", **message.log_fields())
             return TransactionState.UNKNOWN
-        return outbox.listener.check(message)
+        if isinstance(outbox, AsyncOutbox):
+            return self._check_in_loop(outbox, message)
+        return cast(Outbox, outbox).listener.check(message)
+
+    def _check_in_loop(self, outbox: AsyncOutbox, message: Message) -> TransactionState:
+        loop = self._loops.get(outbox)
+        if loop is None or loop.is_closed() or not loop.is_running():
+            log.warning("check_back_no_event_loop", **message.log_fields())
+            return TransactionState.UNKNOWN  # ask again: a running loop may answer
+        coro = outbox.listener.acheck(message)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # closed meanwhile
+            coro.close()
+            log.warning("check_back_no_event_loop", **message.log_fields())
+            return TransactionState.UNKNOWN
+        try:
+            return future.result(timeout=self.config.request_timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            log.warning("check_back_timed_out", seconds=self.config.request_timeout,
+                        **message.log_fields())
+            return TransactionState.UNKNOWN
 
     def _on_check(self, received: Any) -> Any:
         resolution = rocketmq().TransactionResolution
@@ -132,6 +180,17 @@ class RocketMQTransactionalProducer:
         self._started()
         return self
 
+    async def astart(self) -> RocketMQTransactionalProducer:
+        """:meth:`start` from an event loop, which then answers the check-backs of every
+        registered AsyncOutbox (call it at startup of a service that may have left
+        half messages behind)."""
+        loop = asyncio.get_running_loop()
+        for outbox in set(self._outboxes.values()):
+            if isinstance(outbox, AsyncOutbox):
+                self._remember_loop(outbox, loop)
+        await self._calls.run(self._started)
+        return self
+
     def _started(self) -> Any:
         with self._lock:
             if self._producer is not None:
@@ -153,10 +212,29 @@ class RocketMQTransactionalProducer:
                      topics=list(self.topics))
             return producer
 
-    def close(self) -> None:
+    def _shutdown_client(self) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
         shutdown_quietly(producer)
+
+    def close(self) -> None:
+        """Let queued end-transaction calls finish, then disconnect."""
+        self._calls.shutdown(wait=True)
+        self._shutdown_client()
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the end-transaction calls (and guard settles) scheduled in this
+        event loop have finished; False if ``timeout`` passed first."""
+        return await self._follow_ups.wait(timeout)
+
+    async def aclose(self, timeout: float | None = 30.0) -> None:
+        """:meth:`flush`, then disconnect without blocking the event loop. A follow-up
+        still running after ``timeout`` is left to the broker's check-back."""
+        if not await self.flush(timeout):
+            log.warning("rocketmq_follow_ups_left_to_check_back",
+                        pending=self._follow_ups.pending)
+        await self._calls.run(self._shutdown_client)
+        self._calls.shutdown(wait=False)
 
     # -- the send path ---------------------------------------------------------------
 
@@ -164,21 +242,68 @@ class RocketMQTransactionalProducer:
         """Send ``message`` as a half message; the ticket writes its transaction-log row
         in the local transaction and commits or rolls back the half message after it."""
         self.register(message.topic, outbox)
-        fields = message.log_fields()
+        try:
+            transaction = self._send_half(message)
+        except OutboxError as error:
+            if self._falls_back(error, message):
+                return LocalOutbox().prepare(outbox, message)
+            raise
+        return HalfMessageTicket(self, outbox, message, transaction, self._guard_until())
+
+    async def aprepare(self, outbox: AsyncOutbox, message: Message) -> Ticket:
+        """:meth:`prepare` for an AsyncOutbox: the half send runs on the producer's pool.
+        A caller cancelled while it is in flight gets the half message rolled back."""
+        self.register(message.topic, outbox)
+        loop = asyncio.get_running_loop()
+        self._remember_loop(outbox, loop)
+        sending = self._calls.submit(self._send_half, message)
+        try:
+            transaction = await asyncio.shield(asyncio.wrap_future(sending))
+        except asyncio.CancelledError:
+            sending.add_done_callback(functools.partial(self._abandon, message))
+            raise
+        except OutboxError as error:
+            if self._falls_back(error, message):
+                return await LocalOutbox().aprepare(outbox, message)
+            raise
+        return AsyncHalfMessageTicket(self, outbox, message, transaction, self._guard_until(),
+                                      loop)
+
+    def _send_half(self, message: Message) -> Any:
+        """Send the half message (blocking); returns the client's transaction."""
         try:
             producer = self._started()
             transaction = producer.begin_transaction()
             producer.send(to_rocketmq(message), transaction)
+        except OutboxError:
+            raise
         except Exception as exc:
-            error: BaseException = exc if isinstance(exc, ConfigurationError) else wrap_error(
-                exc, self.config, f"sending half message {message.id}")
-            if isinstance(error, BrokerUnavailableError) and self.fallback_to_outbox:
-                log.warning("rocketmq_unreachable_using_outbox", error=str(error), **fields)
-                return LocalOutbox().prepare(outbox, message)
-            raise error from None
-        log.debug("rocketmq_half_message_sent", **fields)
-        guard_until = utcnow() + self.guard_after if self.guard_after is not None else None
-        return HalfMessageTicket(self, outbox, message, transaction, guard_until)
+            raise wrap_error(exc, self.config, f"sending half message {message.id}") from None
+        log.debug("rocketmq_half_message_sent", **message.log_fields())
+        return transaction
+
+    def _falls_back(self, error: OutboxError, message: Message) -> bool:
+        """Whether a failed half send becomes a local outbox row instead."""
+        if isinstance(error, BrokerUnavailableError) and self.fallback_to_outbox:
+            log.warning("rocketmq_unreachable_using_outbox", error=str(error),
+                        **message.log_fields())
+            return True
+        return False
+
+    def _guard_until(self) -> dt.datetime | None:
+        return utcnow() + self.guard_after if self.guard_after is not None else None
+
+    def _abandon(self, message: Message, sending: concurrent.futures.Future[Any]) -> None:
+        # The caller was cancelled while the half message was on its way: nothing
+        # local will ever commit it, so roll it back once it is out.
+        if sending.cancelled() or sending.exception() is not None:
+            return
+        try:
+            self._calls.submit(self._end, sending.result(), TransactionState.ROLLBACK, message)
+        except RuntimeError:  # shutting down: the check-back answers ROLLBACK
+            log.warning("rocketmq_transaction_left_to_check_back", **message.log_fields())
+
+    # -- after the local outcome -----------------------------------------------------
 
     def _end(self, transaction: Any, state: TransactionState, message: Message) -> bool:
         """Commit or roll back the half message; True when the broker took a commit."""
@@ -196,6 +321,28 @@ class RocketMQTransactionalProducer:
         log.info("rocketmq_transaction_ended", state=state.value, **fields)
         return state is TransactionState.COMMIT
 
+    def _follow_up(self, ticket: HalfMessageTicket, state: TransactionState) -> None:
+        """After the local outcome, in the sync model: end the half message, then settle
+        the guard row once the broker has the commit."""
+        if self._end(ticket.transaction, state, ticket.message) and ticket.guarded:
+            self._settle_guard(ticket.outbox, ticket.message)
+
+    def _schedule(self, ticket: AsyncHalfMessageTicket, state: TransactionState) -> None:
+        """:meth:`_follow_up` for the asyncio model: a task, so nothing blocks the loop."""
+        self._follow_ups.schedule(ticket.loop, self._afollow_up(ticket, state),
+                                  f"{state.value} of {ticket.message.id}")
+
+    async def _afollow_up(self, ticket: AsyncHalfMessageTicket, state: TransactionState
+                          ) -> None:
+        try:
+            took = await self._calls.run_to_end(self._end, ticket.transaction, state,
+                                                ticket.message)
+            if took and ticket.guarded:
+                await self._asettle_guard(ticket.outbox, ticket.message)
+        except Exception as exc:  # the pool is gone: the check-back settles it
+            log.warning("rocketmq_follow_up_failed", error=f"{type(exc).__name__}: {exc}",
+                        **ticket.message.log_fields())
+
     def _settle_guard(self, outbox: Outbox, message: Message) -> None:
         # The broker has the commit: the guard row need not go. If this fails, the
         # relay sends it later and the consumer's inbox drops the second copy.
@@ -203,32 +350,16 @@ class RocketMQTransactionalProducer:
             with outbox.engine.begin() as conn:
                 settle_guard(conn, message.id, utcnow())
         except Exception as exc:
-            log.warning("rocketmq_guard_not_settled", error=f"{type(exc).__name__}: {exc}",
-                        **message.log_fields())
+            _guard_not_settled(exc, message)
+
+    async def _asettle_guard(self, outbox: AsyncOutbox, message: Message) -> None:
+        try:
+            async with outbox.engine.begin() as conn:
+                await conn.run_sync(settle_guard, message.id, utcnow())
+        except Exception as exc:
+            _guard_not_settled(exc, message)
 
 
-class HalfMessageTicket(TransactionLogTicket):
-    """A sent half message in a local transaction: its log row is written inside,
-    and the half message is committed or rolled back to match the outcome."""
-
-    __slots__ = ("adapter", "guarded", "outbox", "transaction")
-
-    def __init__(self, adapter: RocketMQTransactionalProducer, outbox: Outbox, message: Message,
-                 transaction: Any, guard_until: dt.datetime | None) -> None:
-        super().__init__(outbox.listener, message, guard_until)
-        self.adapter = adapter
-        self.outbox = outbox
-        self.transaction = transaction
-        self.guarded = guard_until is not None
-
-    def committed(self) -> None:
-        if self.adapter._end(self.transaction, TransactionState.COMMIT, self.message) \
-                and self.guarded:
-            self.adapter._settle_guard(self.outbox, self.message)
-
-    def rolled_back(self) -> None:
-        self.adapter._end(self.transaction, TransactionState.ROLLBACK, self.message)
-
-    def unknown(self) -> BaseException | None:
-        log.warning("rocketmq_transaction_left_to_check_back", **self.message.log_fields())
-        return super().unknown()
+def _guard_not_settled(exc: Exception, message: Message) -> None:
+    log.warning("rocketmq_guard_not_settled", error=f"{type(exc).__name__}: {exc}",
+                **message.log_fields())

@@ -1,21 +1,28 @@
-"""A RocketMQ simple consumer as an outbox Subscriber, for IdempotentConsumer."""
+"""A RocketMQ simple consumer as an outbox Subscriber: :class:`RocketMQSubscriber` for
+``IdempotentConsumer``, :class:`AsyncRocketMQSubscriber` for ``AsyncIdempotentConsumer``.
+
+The sync class holds the decisions (when a failed receive means "not yet", when the
+client must be replaced, what a dead-letter copy carries); the asyncio class awaits
+the same steps.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
-
-from outbox.errors import ConfigurationError
+from outbox.errors import ConfigurationError, OutboxError
+from outbox.log import get_logger
 from outbox.transport import Delivery
 
+from ._aio import BlockingCalls
 from ._client import client_configuration, rocketmq, shutdown_quietly, to_delivery, wrap_error
 from .config import RocketMQConfig
 
-log = structlog.get_logger("outbox.rocketmq")
+log = get_logger("outbox.rocketmq")
 
 #: The proxy refuses invisible durations below this many seconds on receive.
 MIN_INVISIBLE_SECONDS = 10
@@ -23,18 +30,22 @@ MIN_INVISIBLE_SECONDS = 10
 #: "the proxy forgot this client" (it restarted).
 SETTINGS_GRACE_SECONDS = 10.0
 DEAD_REASON_PROPERTY = "OUTBOX_DEAD_REASON"
+#: How long a fetch waits when the proxy has not got a young client's settings yet.
+NOT_YET_SECONDS = 0.2
 
 
 class RocketMQSubscriber:
     """Receives one topic for one consumer group through a RocketMQ SimpleConsumer.
 
-    Unacknowledged messages come back after ``invisible_seconds``. ``retry`` uses
-    RocketMQ's own redelivery (the message becomes visible again after the delay
-    and its delivery attempt grows); past the group's maximum the broker moves it
-    to the group's dead-letter topic ``%DLQ%<group>``. ``dead_letter`` (an
-    undecodable message, a handler that gave up) sends a copy with the reason in
-    property ``OUTBOX_DEAD_REASON`` to ``dead_letter_topic`` and acknowledges the
-    original, so nothing is dropped silently.
+    ``group`` is the RocketMQ consumer group: the broker keeps one position per group
+    and topic, and each message goes to one member of the group. Unacknowledged
+    messages come back after ``invisible_seconds``. ``retry`` uses RocketMQ's own
+    redelivery (the message becomes visible again after the delay and its delivery
+    attempt grows); past the group's maximum the broker moves it to the group's
+    dead-letter topic ``%DLQ%<group>``. ``dead_letter`` (an undecodable message, a
+    handler that gave up) sends a copy with the reason in property
+    ``OUTBOX_DEAD_REASON`` to ``dead_letter_topic`` and acknowledges the original,
+    so nothing is dropped silently.
     """
 
     def __init__(
@@ -61,6 +72,8 @@ class RocketMQSubscriber:
         self._consumer_started = 0.0
         self._dead_producer: Any = None
         self._lock = threading.Lock()
+
+    # -- the steps both forms take (blocking ones run on the async form's pool) ------
 
     def _started(self) -> Any:
         with self._lock:
@@ -93,21 +106,76 @@ class RocketMQSubscriber:
         log.warning("rocketmq_consumer_restarting", topic=self.topic, group=self.group)
         shutdown_quietly(consumer)
 
+    def _batch(self, consumer: Any, max_messages: int, wait_seconds: float) -> int:
+        """Set up one receive: the long-poll wait, in whole seconds (at least 1), and
+        how many messages to ask for (the proxy takes at most 32)."""
+        consumer.await_duration = max(1, int(wait_seconds))
+        return max(1, min(max_messages, 32))
+
+    def _receive_failed(self, exc: Exception, consumer: Any) -> OutboxError | None:
+        """What a failed receive means: None for "not yet" (the proxy has not got a
+        young client's settings), else the error to raise, after replacing the client
+        unless the cause is the configuration."""
+        young = time.monotonic() - self._consumer_started < SETTINGS_GRACE_SECONDS
+        if "settings" in str(exc) and "null" in str(exc) and young:
+            return None
+        error = wrap_error(exc, self.config, f"receiving from {self.topic}")
+        if not isinstance(error, ConfigurationError):
+            self._restart(consumer)
+        return error
+
+    def _ack_failed(self, exc: Exception, delivery: Delivery) -> OutboxError:
+        if isinstance(exc, OutboxError):
+            return exc
+        return wrap_error(exc, self.config, f"acknowledging {delivery.message_id}")
+
+    def _retry_not_set(self, exc: Exception, delivery: Delivery) -> None:
+        # It becomes visible again after invisible_seconds anyway.
+        log.warning("rocketmq_retry_delay_not_set", error=f"{type(exc).__name__}: {exc}",
+                    message_id=delivery.message_id, topic=self.topic)
+
+    def _dead_copy(self, delivery: Delivery, reason: str) -> Any:
+        """The copy of ``delivery`` that goes to the dead-letter topic."""
+        copy = rocketmq().Message()
+        copy.topic = self.dead_letter_topic
+        copy.body = delivery.payload or b"-"
+        for name, value in dict(delivery.handle.properties or {}).items():
+            if value and value.strip():
+                copy.add_property(name, value)
+        copy.add_property(DEAD_REASON_PROPERTY, reason.strip() or "no reason given")
+        copy.add_property("OUTBOX_DEAD_GROUP", self.group)
+        copy.add_property("OUTBOX_ORIGINAL_TOPIC", self.topic)
+        return copy
+
+    def _dead_letter_producer(self) -> Any:
+        with self._lock:
+            if self._dead_producer is None:
+                producer = rocketmq().Producer(client_configuration(self.config),
+                                               (self.dead_letter_topic,))
+                producer.startup()
+                self._dead_producer = producer
+            return self._dead_producer
+
+    def _dead_letter_failed(self, exc: Exception, delivery: Delivery) -> OutboxError:
+        return wrap_error(exc, self.config, "dead-lettering "
+                          f"{delivery.message_id} to {self.dead_letter_topic}")
+
+    def _dead_lettered(self, delivery: Delivery, reason: str) -> None:
+        log.error("rocketmq_dead_lettered", reason=reason, message_id=delivery.message_id,
+                  topic=self.topic, group=self.group)
+
+    # -- the sync Subscriber ---------------------------------------------------------
+
     def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
         consumer = self._started()
-        # The client long-polls for its await duration, in whole seconds (at least 1).
-        consumer.await_duration = max(1, int(wait_seconds))
+        count = self._batch(consumer, max_messages, wait_seconds)
         try:
-            received = consumer.receive(max(1, min(max_messages, 32)), self.invisible_seconds)
+            received = consumer.receive(count, self.invisible_seconds)
         except Exception as exc:
-            young = time.monotonic() - self._consumer_started < SETTINGS_GRACE_SECONDS
-            if "settings" in str(exc) and "null" in str(exc) and young:
-                # Right after startup the proxy has not got the consumer's settings yet.
-                time.sleep(min(wait_seconds, 0.2))
+            error = self._receive_failed(exc, consumer)
+            if error is None:
+                time.sleep(min(wait_seconds, NOT_YET_SECONDS))
                 return []
-            error = wrap_error(exc, self.config, f"receiving from {self.topic}")
-            if not isinstance(error, ConfigurationError):
-                self._restart(consumer)
             raise error from None
         return [to_delivery(m) for m in received or ()]
 
@@ -115,42 +183,22 @@ class RocketMQSubscriber:
         try:
             self._started().ack(delivery.handle)
         except Exception as exc:
-            raise wrap_error(exc, self.config, f"acknowledging {delivery.message_id}") from None
+            raise self._ack_failed(exc, delivery) from None
 
     def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
         try:
             self._started().change_invisible_duration(delivery.handle, max(1, round(delay_seconds)))
         except Exception as exc:
-            # It becomes visible again after invisible_seconds anyway.
-            log.warning("rocketmq_retry_delay_not_set", error=f"{type(exc).__name__}: {exc}",
-                        message_id=delivery.message_id, topic=self.topic)
+            self._retry_not_set(exc, delivery)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        rmq = rocketmq()
-        copy = rmq.Message()
-        copy.topic = self.dead_letter_topic
-        copy.body = delivery.payload or b"-"
-        received = delivery.handle
-        for name, value in dict(received.properties or {}).items():
-            if value and value.strip():
-                copy.add_property(name, value)
-        copy.add_property(DEAD_REASON_PROPERTY, reason.strip() or "no reason given")
-        copy.add_property("OUTBOX_DEAD_GROUP", self.group)
-        copy.add_property("OUTBOX_ORIGINAL_TOPIC", self.topic)
+        copy = self._dead_copy(delivery, reason)
         try:
-            with self._lock:
-                if self._dead_producer is None:
-                    producer = rmq.Producer(client_configuration(self.config),
-                                            (self.dead_letter_topic,))
-                    producer.startup()
-                    self._dead_producer = producer
-            self._dead_producer.send(copy)
+            self._dead_letter_producer().send(copy)
         except Exception as exc:
-            raise wrap_error(exc, self.config, "dead-lettering "
-                             f"{delivery.message_id} to {self.dead_letter_topic}") from None
+            raise self._dead_letter_failed(exc, delivery) from None
         self.ack(delivery)
-        log.error("rocketmq_dead_lettered", reason=reason, message_id=delivery.message_id,
-                  topic=self.topic, group=self.group)
+        self._dead_lettered(delivery, reason)
 
     def close(self) -> None:
         with self._lock:
@@ -158,3 +206,70 @@ class RocketMQSubscriber:
             producer, self._dead_producer = self._dead_producer, None
         shutdown_quietly(consumer)
         shutdown_quietly(producer)
+
+
+class AsyncRocketMQSubscriber:
+    """:class:`RocketMQSubscriber` for :class:`outbox.AsyncIdempotentConsumer`, with the
+    same options and behaviour. A fetch awaits the client's ``receive_async`` future
+    and the dead-letter copy its ``send_async`` future; the calls the client has only
+    in blocking form (startup, ack, change-invisible-duration, shutdown) run on a
+    small pool of ``workers`` threads. A cancelled fetch loses nothing: what it had
+    received becomes visible again after ``invisible_seconds``."""
+
+    def __init__(
+        self,
+        config: RocketMQConfig,
+        topic: str,
+        group: str,
+        *,
+        dead_letter_topic: str,
+        invisible_seconds: int = 30,
+        workers: int = 2,
+    ) -> None:
+        self._sync = RocketMQSubscriber(config, topic, group, dead_letter_topic=dead_letter_topic,
+                                        invisible_seconds=invisible_seconds)
+        self._calls = BlockingCalls("outbox-rocketmq-subscriber", workers)
+
+    @property
+    def topic(self) -> str:
+        return self._sync.topic
+
+    @property
+    def group(self) -> str:
+        return self._sync.group
+
+    async def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
+        sync = self._sync
+        consumer = await self._calls.run(sync._started)
+        count = sync._batch(consumer, max_messages, wait_seconds)
+        try:
+            received = await asyncio.wrap_future(
+                consumer.receive_async(count, sync.invisible_seconds))
+        except Exception as exc:
+            error = await self._calls.run(sync._receive_failed, exc, consumer)
+            if error is None:
+                await asyncio.sleep(min(wait_seconds, NOT_YET_SECONDS))
+                return []
+            raise error from None
+        return [to_delivery(m) for m in received or ()]
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self._calls.run(self._sync.ack, delivery)
+
+    async def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
+        await self._calls.run(self._sync.retry, delivery, delay_seconds, error)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        sync = self._sync
+        copy = sync._dead_copy(delivery, reason)
+        try:
+            producer = await self._calls.run(sync._dead_letter_producer)
+            await asyncio.wrap_future(producer.send_async(copy))
+        except Exception as exc:
+            raise await self._calls.run(sync._dead_letter_failed, exc, delivery) from None
+        await self.ack(delivery)
+        sync._dead_lettered(delivery, reason)
+
+    async def close(self) -> None:
+        await self._calls.run(self._sync.close)
+        self._calls.shutdown(wait=False)

@@ -160,8 +160,8 @@ class Model:
         return shandler
 
     def consumer(self, subscriber: Any, group: str, body: Body, **options: Any) -> Any:
-        cls = AsyncIdempotentConsumer if self.is_async else IdempotentConsumer
-        bind = self.async_engine if self.is_async else self.engine
+        cls: Any = AsyncIdempotentConsumer if self.is_async else IdempotentConsumer
+        bind: Any = self.async_engine if self.is_async else self.engine
         return cls(bind, subscriber, group, self.handler(body), **options)
 
     def subscriber(self, broker: Any, topic: str, group: str, **options: Any) -> Any:

@@ -7,6 +7,7 @@ import datetime as dt
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,9 @@ MIXED_TOPIC = "outbox-test-mixed"
 DLQ_TOPIC = "outbox-test-normal"
 #: Short, so that a check-back may answer ROLLBACK within a test's patience.
 LOCAL_TIMEOUT = dt.timedelta(seconds=4)
+#: Shorter still where a test waits for ROLLBACK answers: the broker's first check
+#: (a half message older than 3 s) then answers it at once.
+CHECK_BACK_TIMEOUT = dt.timedelta(seconds=2)
 
 business_metadata = MetaData()
 orders = Table("rmq_orders", business_metadata, Column("order_no", String(64), primary_key=True))
@@ -72,13 +76,16 @@ def has_log_row(engine: Engine, message_id: str) -> bool:
 
 def collect(
     config: RocketMQConfig, topic: str, wanted: set[str], *, timeout: float,
-    settle: float = 0.0, group: str | None = None,
+    settle: float = 0.0, group: str | None = None, unwanted: Iterable[str] = (),
 ) -> Counter[str]:
     """Deliveries of the ``wanted`` outbox ids on ``topic`` to a fresh group, counted.
 
     Waits until every wanted id arrived (or ``timeout``), then ``settle`` seconds
-    more to catch late duplicates. Everything received is acknowledged.
+    more to catch late duplicates. Deliveries of ``unwanted`` ids (which must never
+    arrive) are counted too, without waiting for them. Everything received is
+    acknowledged.
     """
+    counted = wanted | set(unwanted)
     sub = RocketMQSubscriber(config, topic, group or group_name("collect"),
                              dead_letter_topic=DLQ_TOPIC)
     seen: Counter[str] = Counter()
@@ -87,7 +94,7 @@ def collect(
         settle_until: float | None = None
         while time.monotonic() < (settle_until or deadline):
             for d in sub.fetch(32, 1):
-                if d.message_id in wanted:
+                if d.message_id in counted:
                     seen[d.message_id] += 1
                 sub.ack(d)
             if settle_until is None and wanted <= set(seen):
@@ -95,3 +102,62 @@ def collect(
     finally:
         sub.close()
     return seen
+
+
+class LosesEndTransaction(RocketMQTransactionalProducer):
+    """As if every commit/rollback call to the broker were lost on the way; remembers
+    which outcome each message's ticket asked for, so the broker's check-back decides."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: dict[str, str] = {}
+
+    def _end(self, transaction: Any, state: Any, message: Any) -> bool:
+        self.asked[message.id] = state.value
+        return False
+
+
+def ended(events: Sequence[Mapping[str, Any]], message_id: str) -> list[str]:
+    """The end-transaction calls the broker took for ``message_id``, in order."""
+    return [e["state"] for e in events
+            if e["event"] == "rocketmq_transaction_ended" and e.get("message_id") == message_id]
+
+
+def check_backs(events: Sequence[Mapping[str, Any]], message_id: str) -> list[str]:
+    """The answers given to the broker's check-backs for ``message_id``, in order."""
+    return [e["state"] for e in events
+            if e["event"] == "check_back" and e.get("message_id") == message_id]
+
+
+def wait_until(condition: Any, timeout: float, step: float = 0.2) -> bool:
+    """Poll ``condition()`` until true or ``timeout`` seconds passed; its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return bool(condition())
+        time.sleep(step)
+    return True
+
+
+def log_rows(engine: Engine) -> set[str]:
+    """The message ids of the transaction-log rows in ``engine``'s database."""
+    log = outbox.schema.transaction_log
+    with engine.connect() as conn:
+        return set(conn.scalars(select(log.c.transaction_id)))
+
+
+def dead_letter_reasons(config: RocketMQConfig, ids: set[str], timeout: float) -> dict[str, str]:
+    """The reason property of dead-lettered copies of ``ids`` on the DLQ topic."""
+    sub = RocketMQSubscriber(config, DLQ_TOPIC, group_name("dlq"), dead_letter_topic=MIXED_TOPIC)
+    found: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while not ids <= set(found) and time.monotonic() < deadline:
+            for d in sub.fetch(32, 1):
+                if d.message_id in ids:
+                    found[d.message_id] = dict(d.handle.properties or {}).get(
+                        "OUTBOX_DEAD_REASON", "")
+                sub.ack(d)
+    finally:
+        sub.close()
+    return found

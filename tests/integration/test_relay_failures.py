@@ -9,7 +9,7 @@ import tenacity
 from sqlalchemy import Engine
 
 from outbox import Message, Relay, RelayConfig
-from outbox.schema import DEAD, PENDING, SENT, utcnow
+from outbox.schema import DEAD, DISCARDED, PENDING, SENT, utcnow
 from outbox.storage import counts
 
 from .helpers import BatchRecordingPublisher, RecordingPublisher, add_messages, make_due, outbox_row
@@ -59,9 +59,10 @@ def test_backoff_grows_then_the_row_is_dead_then_replayed(engine: Engine) -> Non
     assert row.last_error == "BrokerUnavailableError: injected failure for bad"
     assert publisher.attempts["bad"] == 4
 
-    # A dead row no longer holds its key back.
-    assert relay.run_once().published == 1
-    assert publisher.ids() == ["other", "later"]
+    # A dead row keeps its key parked: "later" waits until "bad" is replayed or discarded.
+    assert relay.run_once().claimed == 0
+    assert publisher.ids() == ["other"]
+    assert outbox_row(engine, "later").status == PENDING
 
     [dead] = relay.dead()
     assert (dead.message_id, dead.topic, dead.key, dead.attempts) == ("bad", "transfers", "k1", 4)
@@ -71,10 +72,10 @@ def test_backoff_grows_then_the_row_is_dead_then_replayed(engine: Engine) -> Non
     assert relay.replay() == 1
     row = outbox_row(engine, "bad")
     assert (row.status, row.attempts) == (PENDING, 0)
-    assert relay.drain(timeout=10) == 1
-    assert publisher.ids() == ["other", "later", "bad"]
+    assert relay.drain(timeout=10) == 2
+    assert publisher.ids() == ["other", "bad", "later"]  # the key's commit order
     assert relay.dead() == []
-    assert status_counts(engine) == {PENDING: 0, SENT: 3, DEAD: 0}
+    assert status_counts(engine) == {PENDING: 0, SENT: 3, DEAD: 0, DISCARDED: 0}
     assert outbox_row(engine, "bad").last_error is None
 
 
@@ -124,7 +125,7 @@ def test_delete_sent_removes_rows_instead_of_marking_them(engine: Engine) -> Non
     relay = Relay(engine, publisher, RelayConfig(delete_sent=True))
     add_messages(engine, [msg("a"), msg("b")])
     assert relay.drain(timeout=10) == 2
-    assert status_counts(engine) == {PENDING: 0, SENT: 0, DEAD: 0}
+    assert status_counts(engine) == {PENDING: 0, SENT: 0, DEAD: 0, DISCARDED: 0}
 
 
 def test_large_payload_and_headers_reach_the_publisher_intact(engine: Engine) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import tenacity
 
 import outbox
@@ -26,12 +25,14 @@ from outbox_rocketmq import (
     RocketMQTransactionalProducer,
 )
 
+from .helpers import capture_events
 from .rocketmq_support import (
     DLQ_TOPIC,
     MIXED_TOPIC,
     TX_TOPIC_A,
     TX_TOPIC_B,
     collect,
+    dead_letter_reasons,
     group_name,
     has_log_row,
     has_order,
@@ -95,7 +96,7 @@ def test_crash_after_local_commit_is_delivered_once_through_check_back(
     # A new process of the same producer answers the broker's check-back.
     service = make_service(f"sqlite:///{tmp_path / 'crash.db'}", adapter, TX_TOPIC_A)
     assert has_order(service.engine, order_no) and has_log_row(service.engine, order_no)
-    with structlog.testing.capture_logs() as events:
+    with capture_events() as events:
         adapter.start()
         seen = collect(config, TX_TOPIC_A, {order_no}, timeout=60, settle=5)
     delivered_after = time.monotonic() - died
@@ -114,7 +115,7 @@ def test_crash_after_half_send_is_never_delivered(
     _crash_child(tmp_path, rocketmq_endpoints, order_no, "after-half-send")
     service = make_service(f"sqlite:///{tmp_path / 'crash.db'}", adapter, TX_TOPIC_A)
     assert not has_order(service.engine, order_no)
-    with structlog.testing.capture_logs() as events:
+    with capture_events() as events:
         adapter.start()
         deadline = time.monotonic() + 60
         answers: list[str] = []
@@ -142,7 +143,8 @@ def test_a_guarded_send_settles_its_guard_row_once_the_broker_has_the_commit(
     finally:
         adapter.close()
     with service.engine.connect() as conn:
-        assert outbox.storage.counts(conn) == {"pending": 0, "sent": 1, "dead": 0}
+        counts = outbox.storage.counts(conn)
+    assert (counts["pending"], counts["sent"], counts["dead"]) == (0, 1, 0)
     assert collect(config, MIXED_TOPIC, {order_no}, timeout=20, settle=3) == {order_no: 1}
 
 
@@ -229,7 +231,7 @@ def test_duplicate_delivery_runs_the_handler_once(tmp_path: Path, config: Rocket
                 calls.append(received.id)
 
         consumer = IdempotentConsumer(_consumer_db(tmp_path), subscriber, group, handler)
-        with structlog.testing.capture_logs() as events:
+        with capture_events() as events:
             def ignored() -> int:
                 return sum(1 for e in events if e["event"] == "consumer_duplicate_ignored"
                            and e.get("message_id") == message.id)
@@ -240,23 +242,6 @@ def test_duplicate_delivery_runs_the_handler_once(tmp_path: Path, config: Rocket
         subscriber.close()
     assert calls == [message.id]
     assert ignored() == 1
-
-
-def _dead_letters(config: RocketMQConfig, ids: set[str], timeout: float) -> dict[str, str]:
-    """The reason property of dead-lettered copies of ``ids`` on the DLQ topic."""
-    sub = RocketMQSubscriber(config, DLQ_TOPIC, group_name("dlq"), dead_letter_topic=MIXED_TOPIC)
-    found: dict[str, str] = {}
-    try:
-        deadline = time.monotonic() + timeout
-        while not ids <= set(found) and time.monotonic() < deadline:
-            for d in sub.fetch(32, 1):
-                props = dict(d.handle.properties or {})
-                if d.message_id in ids:
-                    found[d.message_id] = props.get("OUTBOX_DEAD_REASON", "")
-                sub.ack(d)
-    finally:
-        sub.close()
-    return found
 
 
 class RecordingSubscriber(RocketMQSubscriber):
@@ -298,7 +283,7 @@ def test_handler_failure_is_redelivered_then_dead_lettered_with_the_error(
         publisher.close()
         subscriber.close()
     assert attempts == [1, 2, 3]
-    reasons = _dead_letters(config, {failing.id, garbage.id}, 30)
+    reasons = dead_letter_reasons(config, {failing.id, garbage.id}, 30)
     assert "ledger is closed" in reasons[failing.id]
     assert "undecodable" in reasons[garbage.id]
 

@@ -111,3 +111,34 @@ def test_default_limit_is_one_mebibyte() -> None:
 def test_decode_accepts_bytearray_and_memoryview() -> None:
     assert codec.decode(bytearray(b"[1]")) == [1]
     assert codec.decode(memoryview(b'{"a":null}')) == {"a": None}
+
+
+def nested(depth: int, *, dicts: bool = False) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value} if dicts else [value]
+    return value
+
+
+@pytest.mark.parametrize("dicts", [False, True], ids=["lists", "dicts"])
+def test_a_payload_nested_too_deeply_is_a_message_error(dicts: bool) -> None:
+    with pytest.raises(MessageError, match="nested too deeply to encode") as info:
+        codec.encode(nested(100_000, dicts=dicts))
+    assert "flatten it" in str(info.value)
+    assert info.value.__cause__ is None  # not chained to a huge RecursionError traceback
+
+
+def test_moderate_nesting_still_round_trips() -> None:
+    value = nested(200)
+    assert codec.decode(codec.encode(value)) == value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000],
+    ids=["lists", "dicts"],
+)
+def test_a_valid_but_deeply_nested_payload_is_a_decode_error(data: bytes) -> None:
+    deep = JsonCodec(max_bytes=len(data))
+    with pytest.raises(DecodeError, match="nested too deeply to decode"):
+        deep.decode(data)

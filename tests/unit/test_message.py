@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 
 import pytest
 
@@ -55,6 +56,36 @@ def test_id_at_the_limit_is_accepted() -> None:
 def test_bad_text_fields_are_refused(name: str, value: object) -> None:
     with pytest.raises(MessageError, match=f"message {name}"):
         make(**{name: value})
+
+
+CONTROL_CHARACTERS = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cc"]
+
+
+def test_the_control_characters_are_the_c0_and_c1_ranges() -> None:
+    assert [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]] == CONTROL_CHARACTERS
+
+
+@pytest.mark.parametrize("name", ["id", "topic", "key", "tag"])
+@pytest.mark.parametrize("char", CONTROL_CHARACTERS, ids=lambda c: f"U+{ord(c):04X}")
+def test_control_characters_are_refused_in_every_text_field(name: str, char: str) -> None:
+    with pytest.raises(MessageError, match=f"message {name} must not contain control") as info:
+        make(**{name: f"a{char}b"})
+    assert f"U+{ord(char):04X}" in str(info.value)
+    assert "position 1" in str(info.value)
+    assert char not in str(info.value)  # the error itself is safe to log
+
+
+def test_the_error_names_common_control_characters() -> None:
+    with pytest.raises(MessageError, match=r"U\+000A \(LF\)"):
+        make(id="tx-1\nINFO forged log line")
+    with pytest.raises(MessageError, match=r"U\+0000 \(NUL\)"):
+        make(key="k\x00")
+
+
+@pytest.mark.parametrize("text", ["tx-1 2", "账户-1", "a\u00a0b", "émoji-✓", "a\u200bb"])
+def test_printable_text_with_inner_spaces_and_non_ascii_is_accepted(text: str) -> None:
+    m = make(id=text, topic=text, key=text, tag=text)
+    assert (m.id, m.topic, m.key, m.tag) == (text, text, text, text)
 
 
 def test_optional_fields_at_their_limits_are_accepted() -> None:

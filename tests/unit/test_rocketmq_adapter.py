@@ -1,8 +1,13 @@
 """The RocketMQ adapter's own logic, without a broker: configuration, message
-conversion, error wrapping, and check-back routing."""
+conversion, error wrapping, check-back routing, and the asyncio form of the producer
+(its pool, its scheduled follow-ups, check-backs answered in a loop)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,7 +16,10 @@ from sqlalchemy.orm import sessionmaker
 
 import outbox
 from outbox import ConfigurationError, Message, TransactionState
+from outbox.aio import create_async_engine
+from outbox.app import LocalTicket
 from outbox.errors import BrokerUnavailableError, PublishError
+from outbox.schema import utcnow
 from outbox_rocketmq import RocketMQConfig, RocketMQTransactionalProducer, _client
 
 rocketmq = pytest.importorskip("rocketmq")
@@ -55,7 +63,7 @@ def test_a_received_message_without_outbox_id_is_not_a_message() -> None:
 
 
 def _client_error(name: str, text: str) -> Exception:
-    cls = type(name, (Exception,), {})
+    cls: type[Exception] = type(name, (Exception,), {})
     return cls(text)
 
 
@@ -144,7 +152,6 @@ def test_register_refuses_unknown_topics_and_a_second_database() -> None:
         adapter.register("zzz", first)
 
 
-
 class _FakeConsumer:
     """A SimpleConsumer whose receive raises what ``errors`` says, in turn."""
 
@@ -210,3 +217,145 @@ def test_settings_null_is_patience_after_startup_and_a_restart_later(
     assert _FakeConsumer.started[0].stopped
     sub.fetch(1, 0)
     assert len(_FakeConsumer.started) == 2
+
+
+# -- the asyncio form of the producer, with the client faked --------------------------
+
+
+class FakeTransaction:
+    """The client's transaction: commit/rollback block for ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.outcome: str | None = None
+
+    def commit(self) -> None:
+        time.sleep(self.delay)
+        self.outcome = "commit"
+
+    def rollback(self) -> None:
+        time.sleep(self.delay)
+        self.outcome = "rollback"
+
+
+class FakeAsyncListener:
+    def __init__(self, state: TransactionState, delay: float = 0.0) -> None:
+        self.state = state
+        self.delay = delay
+        self.clock = utcnow
+
+    async def acheck(self, message: Message) -> TransactionState:
+        await asyncio.sleep(self.delay)
+        return self.state
+
+
+def _async_outbox(adapter: RocketMQTransactionalProducer, state: TransactionState,
+                  delay: float = 0.0) -> Any:
+    app = outbox.AsyncOutbox(create_async_engine("sqlite+aiosqlite://"), delivery=adapter)
+    app.listener = FakeAsyncListener(state, delay)  # type: ignore[assignment]
+    adapter.register("a", app)
+    return app
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in a thread of its own, as a service's loop would."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def test_check_back_of_an_async_outbox_is_answered_in_its_loop(
+    loop_thread: asyncio.AbstractEventLoop,
+) -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(request_timeout=0.3), ["a"])
+    app = _async_outbox(adapter, TransactionState.COMMIT)
+    ours = _client.to_rocketmq(Message(topic="a", payload=b"{}", id="x"))
+    resolution = rocketmq.TransactionResolution
+    # No loop has used the producer yet: ask again.
+    assert adapter._on_check(ours) == resolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+    adapter._remember_loop(app, loop_thread)
+    assert adapter._on_check(ours) == resolution.COMMIT
+    app.listener.delay = 2.0  # the loop does not answer within request_timeout
+    started = time.monotonic()
+    assert adapter._on_check(ours) == resolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+    assert time.monotonic() - started < 1.0
+
+
+def test_check_back_asks_again_once_the_outboxs_loop_is_closed() -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"])
+    app = _async_outbox(adapter, TransactionState.COMMIT)
+    loop = asyncio.new_event_loop()
+    adapter._remember_loop(app, loop)
+    loop.close()
+    ours = _client.to_rocketmq(Message(topic="a", payload=b"{}", id="x"))
+    ask_again = rocketmq.TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+    assert adapter._on_check(ours) == ask_again
+
+
+def test_an_async_ticket_schedules_its_end_transaction_and_aclose_waits_for_it() -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"])
+    transaction = FakeTransaction(delay=0.3)
+    adapter._send_half = lambda message: transaction  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        app = _async_outbox(adapter, TransactionState.COMMIT)
+        ticket = await adapter.aprepare(app, Message(topic="a", payload=b"{}", id="m"))
+        started = time.monotonic()
+        ticket.committed()
+        assert time.monotonic() - started < 0.05  # the loop is not blocked
+        assert transaction.outcome is None
+        await adapter.aclose()
+        assert transaction.outcome == "commit"
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_aprepare_rolls_back_the_half_message_once_it_is_out() -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"])
+    transaction = FakeTransaction()
+
+    def slow_send(message: Message) -> FakeTransaction:
+        time.sleep(0.2)
+        return transaction
+
+    adapter._send_half = slow_send  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        app = _async_outbox(adapter, TransactionState.UNKNOWN)
+        task = asyncio.create_task(adapter.aprepare(app, Message(topic="a", payload=b"{}")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())  # returns before the half send is out
+    deadline = time.monotonic() + 5
+    while transaction.outcome is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    adapter.close()
+    assert transaction.outcome == "rollback"
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_aprepare_falls_back_to_an_outbox_row_only_when_asked(fallback: bool) -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"], fallback_to_outbox=fallback)
+
+    def unreachable(message: Message) -> None:
+        raise BrokerUnavailableError("proxy down")
+
+    adapter._send_half = unreachable  # type: ignore[method-assign]
+
+    async def scenario() -> Any:
+        app = _async_outbox(adapter, TransactionState.UNKNOWN)
+        return await adapter.aprepare(app, Message(topic="a", payload=b"{}"))
+
+    if fallback:
+        assert isinstance(asyncio.run(scenario()), LocalTicket)
+    else:
+        with pytest.raises(BrokerUnavailableError, match="proxy down"):
+            asyncio.run(scenario())

@@ -18,6 +18,8 @@ from decimal import Decimal
 
 import httpx
 
+from ..models import FROZEN_ACCOUNT
+
 #: Above any balance account 1 can have: always refused, so rolled-back transfers exist.
 TOO_MUCH = Decimal("10000.01")
 
@@ -26,18 +28,21 @@ TOO_MUCH = Decimal("10000.01")
 class Planned:
     transfer_no: str
     amount: Decimal
+    to_account: str = "2"
 
 
 def plan(prefix: str, count: int, rng: random.Random) -> list[Planned]:
     """``count`` transfers: most small, about one in twelve refused for insufficient
-    funds. The small ones average 2.50, so account 1 never runs dry by chance."""
+    funds, about one in eight to bank2's frozen account (sent back and refunded). The
+    small ones average 2.50, so account 1 never runs dry by chance."""
     out = []
     for i in range(1, count + 1):
         if rng.random() < 1 / 12:
             amount = TOO_MUCH + Decimal(rng.randint(0, 99999)) / 100
         else:
             amount = Decimal(rng.randint(1, 500)) / 100
-        out.append(Planned(f"{prefix}-{i:05d}", amount.quantize(Decimal("0.01"))))
+        to_account = FROZEN_ACCOUNT if rng.random() < 1 / 8 else "2"
+        out.append(Planned(f"{prefix}-{i:05d}", amount.quantize(Decimal("0.01")), to_account))
     return out
 
 
@@ -58,7 +63,7 @@ class Outcome:
 def _post_until_answered(client: httpx.Client, item: Planned, outcome: Outcome,
                          deadline: float) -> None:
     body = {"transfer_no": item.transfer_no, "amount": str(item.amount),
-            "from_account": "1", "to_account": "2"}
+            "from_account": "1", "to_account": item.to_account}
     pause = 0.05
     while True:
         status = None

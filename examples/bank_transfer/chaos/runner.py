@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from outbox import SqlTransport, create_engine
 from outbox_rocketmq import RocketMQConfig
 
+from .. import REFUND_GROUP
 from ..bank2 import read_report, run_transfer_no
 from ..children import free_port
 from ..setup import setup, setup_transport
@@ -101,11 +102,13 @@ def _services(scenario: Scenario, adapter: str, placement: Placement, port: int,
     else:
         transport_urls = {}
         bank1_args += rmq + (["--outbox-only"] if adapter == "outbox-rocketmq" else [])
+        # bank1's refunds: a consumer group of this run's own, this run's refunds only.
+        bank1_args += ["--run-id", run_id, "--refund-group", f"{REFUND_GROUP}-{run_id}"]
         relay_args += rmq
         bank2_args += [*rmq, "--group", group, "--run-id", run_id, "--report", str(report),
                        "--redelivery-seconds", "10"]
-    services = [Service("bank1", "bank_transfer.bank1", bank1_args, {"--db": urls["bank1"]},
-                        scenario.bank1_points(adapter))]
+    services = [Service("bank1", "bank_transfer.bank1", bank1_args,
+                        {"--db": urls["bank1"], **transport_urls}, scenario.bank1_points(adapter))]
     for i in range(scenario.relays):
         services.append(Service(f"relay{i + 1}", "bank_transfer.relay", relay_args,
                                 {"--db": urls["bank1"], **transport_urls}, dict(scenario.relay)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from asyncio import CancelledError
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -57,8 +58,8 @@ async def arun_owned(
                 scope.before_commit()
         except BaseException as exc:
             error = await explain(scope.failed(exc))
-            if error is exc:
-                raise
+            if error is exc or isinstance(exc, CancelledError):
+                raise  # a cancelled task stays cancelled (the outcome was settled above)
             raise error from (exc if isinstance(error, TransactionOutcomeUnknown) else None)
     scope.committed()
     return result

@@ -12,7 +12,6 @@ import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 
-import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -27,11 +26,12 @@ from ..consumer import (
     inbox_missing,
 )
 from ..errors import ConfigurationError, MisuseError
+from ..log import get_logger
 from ..transport import Delivery
 from ..typing import AsyncSubscriber, Codec
 from .app import arun_owned, guarded_async_factory
 
-log = structlog.get_logger("outbox.consumer")
+log = get_logger("outbox.consumer")
 
 AsyncHandler = Callable[[AsyncSession, ReceivedMessage], Awaitable[None]]
 

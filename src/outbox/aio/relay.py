@@ -13,16 +13,16 @@ import inspect
 from collections.abc import Iterable
 from typing import Any
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import storage
 from ..errors import ConfigurationError
+from ..log import get_logger
 from ..relay import BatchPlan, BatchResult, RelayConfig, RelayCore, _error_text, refuse_same_file
 from ..schema import NOTIFY_CHANNEL, utcnow
 from ..typing import AsyncBatchPublisher, AsyncPublisher
 
-log = structlog.get_logger("outbox.relay")
+log = get_logger("outbox.relay")
 
 
 class AsyncRelay(RelayCore):
@@ -126,6 +126,20 @@ class AsyncRelay(RelayCore):
         async with self.engine.begin() as conn:
             n = await conn.run_sync(storage.replay_dead, ids)
         log.info("relay_replayed", count=n)
+        self.wakeup.set()
+        return n
+
+    async def parked_keys(self, limit: int = 100) -> list[storage.ParkedKey]:
+        """Keys held back by a dead row, with how many rows wait behind each."""
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(storage.list_parked_keys, limit)
+
+    async def discard(self, message_ids: Iterable[str]) -> int:
+        """Give up on the named dead rows (see :meth:`outbox.Relay.discard`)."""
+        ids = list(message_ids)
+        async with self.engine.begin() as conn:
+            n = await conn.run_sync(storage.discard_dead, ids)
+        log.info("relay_discarded", count=n)
         self.wakeup.set()
         return n
 
