@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from .log import clean, get_logger
 from .relay import Relay, RelayConfig
 from .schema import outbox_messages, utcnow
 from .sql_transport import SqlTransport
+from .typing import Publisher
 
 log = get_logger("outbox.cli")
 
@@ -119,8 +121,16 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("purge", "delete sent outbox rows and old inbox rows, in bounded batches")
     c.add_argument("--older-than-days", type=_days, required=True)
     c.add_argument("--batch-size", type=_whole(1), default=1000)
-    c = cmd("relay", "publish committed outbox rows to the embedded SQL transport")
-    c.add_argument("--transport-db", required=True, help="database URL of the SQL transport")
+    c = cmd("relay", "publish committed outbox rows to the embedded SQL transport or to "
+                     "RocketMQ")
+    to = c.add_mutually_exclusive_group(required=True)
+    to.add_argument("--transport-db", help="database URL of the SQL transport")
+    to.add_argument("--rocketmq-endpoints", metavar="HOST:PORT",
+                    help="a RocketMQ 5 proxy's gRPC address; name the topics with --topic, "
+                         "give ACL credentials as OUTBOX_ROCKETMQ_ACCESS_KEY and "
+                         "OUTBOX_ROCKETMQ_SECRET_KEY in the environment")
+    c.add_argument("--topic", dest="topics", action="append", default=[],
+                   help="with --rocketmq-endpoints: a topic the rows go to (repeatable)")
     c.add_argument("--batch-size", type=_whole(1), default=100)
     c.add_argument("--poll-interval", type=_seconds, default=0.5)
     c.add_argument("--max-attempts", type=_whole(1), default=10)
@@ -237,18 +247,44 @@ def _discard(engine: Engine, args: argparse.Namespace) -> str:
     return f"discarded {n}"
 
 
+def _publisher(args: argparse.Namespace) -> tuple[Publisher, str]:
+    """The relay's publisher and, for the log, where it publishes to."""
+    if args.rocketmq_endpoints is None:
+        if args.topics:
+            raise ConfigurationError("--topic is for --rocketmq-endpoints; the SQL transport takes "
+                             "every topic")
+        transport = SqlTransport(open_engine(args.transport_db, "--transport-db"))
+        transport.create_tables()
+        return transport.publisher(), safe_url(transport.engine.url)
+    if not args.topics:
+        raise ConfigurationError(
+            "--rocketmq-endpoints needs the topics the rows go to: --topic NAME "
+            "(repeatable; the proxy learns a publisher's topics at its start)")
+    try:
+        from outbox_rocketmq import RocketMQConfig, RocketMQPublisher
+    except ImportError:
+        raise ConfigurationError(
+            'the RocketMQ relay needs its extra: pip install "outbox[rocketmq]"') from None
+    config = RocketMQConfig(args.rocketmq_endpoints,
+                            access_key=os.environ.get("OUTBOX_ROCKETMQ_ACCESS_KEY"),
+                            secret_key=os.environ.get("OUTBOX_ROCKETMQ_SECRET_KEY"))
+    return RocketMQPublisher(config, args.topics), f"rocketmq {args.rocketmq_endpoints}"
+
+
 def _run_relay(engine: Engine, args: argparse.Namespace) -> None:
-    transport = SqlTransport(open_engine(args.transport_db, "--transport-db"))
-    transport.create_tables()
-    relay = Relay(engine, transport.publisher(), RelayConfig(
+    publisher, where = _publisher(args)
+    relay = Relay(engine, publisher, RelayConfig(
         batch_size=args.batch_size, poll_interval=args.poll_interval,
         max_attempts=args.max_attempts,
     ))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("relay_started", db=engine.url, transport_db=transport.engine.url)
-    relay.run(stop)
+    log.info("relay_started", db=engine.url, transport=where)
+    try:
+        relay.run(stop)
+    finally:
+        publisher.close()
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -18,14 +18,14 @@ from bank_transfer import CONSUMER_GROUP, TOPIC
 from bank_transfer.bank2 import (
     ConsumerReport,
     OnlyRun,
-    credit,
+    make_credit,
     read_report,
     run_transfer_no,
     write_report,
 )
 from bank_transfer.models import bank2_accounts, credits
 from bank_transfer.setup import setup
-from outbox import Delivery, IdempotentConsumer, JsonCodec, Message, create_engine
+from outbox import Delivery, IdempotentConsumer, JsonCodec, Message, Outbox, create_engine
 from outbox.testing import InMemoryBroker
 
 from .test_demo import EXPECTED, run_demo
@@ -50,8 +50,9 @@ def test_demo_over_rocketmq(tmp_path: Path, rocketmq_endpoints: str) -> None:
         assert (workdir / "bank2.log").read_text().count("consumer_duplicate_ignored") == 1
         report = read_report(workdir / "bank2-report.json")
         assert report is not None
+        # 10 credited, 2 sent back (the frozen account), 1 duplicate ignored.
         assert (report.processed, report.duplicates, report.dead_lettered, report.stopped) == (
-            10, 1, 0, True), report
+            12, 1, 0, True), report
         # The client's own log goes to the run folder, not to the user's home.
         assert (workdir / "logs" / "rocketmq_python").is_dir()
         assert not any(workdir.glob("*.db-journal"))
@@ -74,7 +75,7 @@ def test_bank2_takes_only_the_transfers_of_its_run(tmp_path: Path) -> None:
     broker.put_raw(Delivery(topic=TOPIC, payload=b"{}", message_id=None, attempt=0))
     broker.deliver_again(ours)
     filtered = OnlyRun(broker.subscriber(TOPIC, "bank2-rA"), "rA")
-    consumer = IdempotentConsumer(engine, filtered, CONSUMER_GROUP, credit)
+    consumer = IdempotentConsumer(engine, filtered, CONSUMER_GROUP, make_credit(Outbox(engine)))
     for _ in range(3):
         consumer.run_once(wait_seconds=0)
 

@@ -86,6 +86,8 @@ def test_a_malformed_transport_url_is_named(
     ["relay", "--transport-db", "sqlite://", "--poll-interval", "0"],
     ["relay", "--transport-db", "sqlite://", "--poll-interval", "nan"],
     ["relay", "--transport-db", "sqlite://", "--max-attempts", "0"],
+    ["relay"],
+    ["relay", "--transport-db", "sqlite://", "--rocketmq-endpoints", "127.0.0.1:1"],
     ["status", "--log-level", "loud"],
     ["replay"],
     ["no-such-command"],
@@ -286,3 +288,14 @@ def test_the_library_log_goes_to_stderr_at_the_chosen_level(
                        "--log-level", "WARNING")
     assert (code, err) == (0, "")
     assert (list(logger.handlers), logger.level) == before  # put back after the run
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--rocketmq-endpoints", "127.0.0.1:1"], ("--topic",)),
+    (["--transport-db", "sqlite://", "--topic", "t"], ("--topic", "--rocketmq-endpoints")),
+])
+def test_a_relay_is_told_where_its_topics_go(
+    migrated: str, capsys: pytest.CaptureFixture[str], argv: list[str], words: tuple[str, ...]
+) -> None:
+    code, out, err = run(capsys, "relay", "--db", migrated, *argv)
+    assert_one_line_error(code, out, err, *words)
