@@ -36,6 +36,7 @@ from .scope import (
     caller_scope,
     current_scope,
     guarded_class,
+    open_on,
     run_owned,
     write_lock_statement,
     write_records,
@@ -176,8 +177,8 @@ class BaseOutbox:
         """The scope a message sent on ``session`` joins: the framework's open one, or
         the caller's own session's (whose commit it then follows)."""
         is_async = user_session is not session
-        active = current_scope()
-        if active is not None and active.session is session:
+        active = current_scope() if open_on(session) else None
+        if active is not None:
             active.check_join(self.identity, is_async, what)
             return active
         found = session.info.get(SCOPE_KEY)

@@ -14,8 +14,9 @@ scope decides what an outcome means; the sync and asyncio drivers (``app.py`` an
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
-from asyncio import CancelledError
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -67,9 +68,41 @@ _CURRENT: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "outbox_scope", default=None)
 
 
+def _runner() -> object:
+    """What runs the code here: the asyncio task, else the thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        task = None
+    return task if task is not None else threading.get_ident()
+
+
 def current_scope() -> Scope | None:
-    """The scope whose user code is running in this context, if any."""
-    return _CURRENT.get()
+    """The scope whose user code is running in this context, if any.
+
+    A context copied into another thread or task (``asyncio.create_task``,
+    ``run_in_executor``) still names its parent's scope: while that scope is open,
+    code there can neither join it (a session is not shared across tasks or
+    threads) nor commit apart from it, so that is refused; once it has ended, code
+    there runs transactions of its own.
+    """
+    scope = _CURRENT.get()
+    if scope is None or scope.runner is None:
+        return None
+    if scope.runner != _runner():
+        raise MisuseError(
+            f"a call in another thread or task while the transaction of {scope.owner} is "
+            "open: it cannot join that transaction, and committing on its own would break "
+            "the outer call's all-or-nothing. Call it in the same task, or after the outer "
+            "call returns"
+        )
+    return scope
+
+
+def open_on(session: Session) -> bool:
+    """Whether the user code of a scope on ``session`` runs in this context."""
+    scope = _CURRENT.get()
+    return scope is not None and scope.runner is not None and scope.session is session
 
 
 class Scope:
@@ -81,8 +114,8 @@ class Scope:
     session events.
     """
 
-    __slots__ = ("_committing", "_savepoints", "owned", "owner", "session", "tickets", "url",
-                 "user_session")
+    __slots__ = ("_committing", "_savepoints", "owned", "owner", "runner", "session", "tickets",
+                 "url", "user_session")
 
     def __init__(self, session: Session, user_session: Any, *, url: URL, owner: str,
                  owned: bool) -> None:
@@ -94,6 +127,7 @@ class Scope:
         self.tickets: list[Ticket] = []
         self._savepoints: list[SessionTransaction | None] = []
         self._committing = False
+        self.runner: object | None = None  # the task or thread of the user code running
         session.info[SCOPE_KEY] = self
 
     @property
@@ -108,11 +142,13 @@ class Scope:
         commit, rollback and close."""
         info = self.session.info
         info[GUARD_KEY] = self.owner
+        self.runner = _runner()
         token = _CURRENT.set(self)
         try:
             yield
         finally:
             _CURRENT.reset(token)
+            self.runner = None
             info.pop(GUARD_KEY, None)
 
     def check_join(self, url: URL, is_async: bool, what: str) -> None:
@@ -197,7 +233,7 @@ class Scope:
     def failed(self, exc: BaseException) -> BaseException:
         """The transaction did not commit: what the caller gets."""
         self.session.info.pop(MISUSE_KEY, None)
-        if self._committing and isinstance(exc, SQLAlchemyError | CancelledError):
+        if self._committing and isinstance(exc, SQLAlchemyError | asyncio.CancelledError):
             # The COMMIT itself failed (or was cancelled): it may or may not have
             # reached the disk.
             errors = [e for e in (t.unknown() for t in self._take()) if e is not None]

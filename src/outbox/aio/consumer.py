@@ -8,7 +8,6 @@ the handler and the subscriber calls are awaited.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 
@@ -29,6 +28,7 @@ from ..errors import ConfigurationError, MisuseError
 from ..log import get_logger
 from ..transport import Delivery
 from ..typing import AsyncSubscriber, Codec
+from ._tasks import Background
 from .app import arun_owned, guarded_async_factory
 
 log = get_logger("outbox.consumer")
@@ -83,7 +83,7 @@ class AsyncIdempotentConsumer:
         self.policy = ConsumerPolicy(group, self.codec, self.config)
         self.stats = ConsumerStats()
         self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("consumer")
 
     async def handle(self, delivery: Delivery) -> Outcome:
         """Process one delivery and tell the subscriber; returns what became of it."""
@@ -153,22 +153,13 @@ class AsyncIdempotentConsumer:
                 await asyncio.sleep(1.0)
 
     def start(self) -> AsyncIdempotentConsumer:
-        """Run as a task of the running event loop; returns self."""
-        if self._task is not None and not self._task.done():
-            raise ConfigurationError("consumer already started")
-        self._task = asyncio.get_running_loop().create_task(self.run(), name="outbox-consumer")
+        """Run as a task of the running event loop (in a context of its own); returns
+        self."""
+        self._background.start(self.run)
         return self
 
     async def stop(self, timeout: float | None = 10.0) -> None:
         """Finish the delivery in hand and the current fetch wait, then end :meth:`run`;
         past ``timeout`` the task is cancelled (its delivery comes back later)."""
         self._stopping = True
-        task, self._task = self._task, None
-        if task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop(timeout)

@@ -21,6 +21,7 @@ from ..log import get_logger
 from ..relay import BatchPlan, BatchResult, RelayConfig, RelayCore, _error_text, refuse_same_file
 from ..schema import NOTIFY_CHANNEL, utcnow
 from ..typing import AsyncBatchPublisher, AsyncPublisher
+from ._tasks import Background
 
 log = get_logger("outbox.relay")
 
@@ -57,7 +58,7 @@ class AsyncRelay(RelayCore):
         self.publisher = publisher
         self.wakeup = wakeup or asyncio.Event()
         self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("relay")
 
     # -- one batch -------------------------------------------------------------
 
@@ -209,10 +210,9 @@ class AsyncRelay(RelayCore):
                 self.wakeup.set()
 
     def start(self) -> AsyncRelay:
-        """Run as a task of the running event loop; returns self."""
-        if self._task is not None and not self._task.done():
-            raise ConfigurationError("relay already started")
-        self._task = asyncio.get_running_loop().create_task(self.run(), name="outbox-relay")
+        """Run as a task of the running event loop (in a context of its own); returns
+        self."""
+        self._background.start(self.run)
         return self
 
     async def stop(self, timeout: float | None = 10.0) -> None:
@@ -220,15 +220,7 @@ class AsyncRelay(RelayCore):
         task is cancelled (its batch is published again later)."""
         self._stopping = True
         self.wakeup.set()
-        task, self._task = self._task, None
-        if task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop(timeout)
 
     async def drain(self, timeout: float = 30.0) -> int:
         """Publish until no due row is left (or ``timeout``); returns rows published."""
