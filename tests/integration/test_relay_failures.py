@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 import tenacity
 from sqlalchemy import Engine
 
-from outbox import Message, Relay, RelayConfig
+from outbox import Message, RelayConfig
 from outbox.schema import DEAD, DISCARDED, PENDING, SENT, utcnow
 from outbox.storage import counts
 
 from .helpers import BatchRecordingPublisher, RecordingPublisher, add_messages, make_due, outbox_row
+from .models import Model
 
 ALWAYS = 10**9
+
+
+def do(model: Model, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A relay method of either model, run to its end."""
+    return model.run(lambda: model.call(fn, *args, **kwargs))
 
 
 def msg(message_id: str, key: str | None = None) -> Message:
@@ -26,16 +33,20 @@ def status_counts(engine: Engine) -> dict[str, int]:
         return counts(conn)
 
 
-def test_backoff_grows_then_the_row_is_dead_then_replayed(engine: Engine) -> None:
+def test_backoff_grows_then_the_row_is_dead_then_replayed(model: Model, engine: Engine) -> None:
     publisher = RecordingPublisher(failures={"bad": ALWAYS})
-    relay = Relay(engine, publisher, RelayConfig(
-        max_attempts=4, backoff=tenacity.wait_exponential(multiplier=1, min=1, max=300)))
+    relay = model.relay(
+        model.publisher(publisher),
+        config=RelayConfig(
+            max_attempts=4, backoff=tenacity.wait_exponential(multiplier=1, min=1, max=300)
+        ),
+    )
     add_messages(engine, [msg("bad", key="k1"), msg("later", key="k1"), msg("other", key="k2")])
 
     delays = []
     for attempt in (1, 2, 3):
         before = utcnow()
-        result = relay.run_once()
+        result = do(model, relay.run_once)
         assert (result.failed, result.dead) == (1, 0)
         row = outbox_row(engine, "bad")
         assert (row.status, row.attempts) == (PENDING, attempt)
@@ -45,14 +56,15 @@ def test_backoff_grows_then_the_row_is_dead_then_replayed(engine: Engine) -> Non
         delays.append(delay)
         # Same key, later row: held back while "bad" is pending.
         assert "later" not in publisher.ids()
-        assert relay.run_once().claimed == 0  # nothing is due during the backoff
+        assert do(model, relay.run_once).claimed == 0  # nothing is due during the backoff
         make_due(engine, "bad")
     assert publisher.ids() == ["other"]  # another key was not held up
     # 1 s, 2 s, 4 s, plus however long the relay's own batch took
-    assert all(expected <= d < expected + 1 for d, expected in zip(delays, [1, 2, 4],
-                                                                  strict=True)), delays
+    assert all(
+        expected <= d < expected + 1 for d, expected in zip(delays, [1, 2, 4], strict=True)
+    ), delays
 
-    result = relay.run_once()
+    result = do(model, relay.run_once)
     assert (result.failed, result.dead) == (1, 1)
     row = outbox_row(engine, "bad")
     assert (row.status, row.attempts) == (DEAD, 4)
@@ -60,58 +72,62 @@ def test_backoff_grows_then_the_row_is_dead_then_replayed(engine: Engine) -> Non
     assert publisher.attempts["bad"] == 4
 
     # A dead row keeps its key parked: "later" waits until "bad" is replayed or discarded.
-    assert relay.run_once().claimed == 0
+    assert do(model, relay.run_once).claimed == 0
     assert publisher.ids() == ["other"]
     assert outbox_row(engine, "later").status == PENDING
 
-    [dead] = relay.dead()
+    [dead] = do(model, relay.dead)
     assert (dead.message_id, dead.topic, dead.key, dead.attempts) == ("bad", "transfers", "k1", 4)
     assert dead.last_error is not None and "injected failure" in dead.last_error
 
     publisher.failures.clear()
-    assert relay.replay() == 1
+    assert do(model, relay.replay) == 1
     row = outbox_row(engine, "bad")
     assert (row.status, row.attempts) == (PENDING, 0)
-    assert relay.drain(timeout=10) == 2
+    assert do(model, relay.drain, timeout=10) == 2
     assert publisher.ids() == ["other", "bad", "later"]  # the key's commit order
-    assert relay.dead() == []
+    assert do(model, relay.dead) == []
     assert status_counts(engine) == {PENDING: 0, SENT: 3, DEAD: 0, DISCARDED: 0}
     assert outbox_row(engine, "bad").last_error is None
 
 
-def test_replay_of_named_rows_only(engine: Engine) -> None:
+def test_replay_of_named_rows_only(model: Model, engine: Engine) -> None:
     publisher = RecordingPublisher(failures={"a": ALWAYS, "b": ALWAYS})
-    relay = Relay(engine, publisher, RelayConfig(max_attempts=1))
+    relay = model.relay(model.publisher(publisher), config=RelayConfig(max_attempts=1))
     add_messages(engine, [msg("a"), msg("b")])
-    assert relay.run_once().dead == 2
+    assert do(model, relay.run_once).dead == 2
     publisher.failures.clear()
-    assert relay.replay(["b", "no-such-id"]) == 1
-    assert relay.replay([]) == 0
-    relay.drain(timeout=10)
+    assert do(model, relay.replay, ["b", "no-such-id"]) == 1
+    assert do(model, relay.replay, []) == 0
+    do(model, relay.drain, timeout=10)
     assert publisher.ids() == ["b"]
-    assert [d.message_id for d in relay.dead()] == ["a"]
+    assert [d.message_id for d in do(model, relay.dead)] == ["a"]
 
 
-def test_one_bad_row_does_not_block_other_keys_beyond_one_batch(engine: Engine) -> None:
+def test_one_bad_row_does_not_block_other_keys_beyond_one_batch(
+    model: Model, engine: Engine
+) -> None:
     """More rows of the failing key than fit in a batch must not starve other keys."""
     publisher = RecordingPublisher(failures={"bad": ALWAYS})
-    relay = Relay(engine, publisher, RelayConfig(batch_size=5, max_attempts=10))
+    relay = model.relay(
+        model.publisher(publisher), config=RelayConfig(batch_size=5, max_attempts=10)
+    )
     add_messages(engine, [msg("bad", key="stuck")])
     add_messages(engine, [msg(f"stuck-{i}", key="stuck") for i in range(12)])
     add_messages(engine, [msg("free-1", key="free"), msg("free-2"), msg("free-3", key="other")])
 
     for _ in range(6):
-        relay.run_once()
+        do(model, relay.run_once)
     assert publisher.ids() == ["free-1", "free-2", "free-3"]
     assert outbox_row(engine, "bad").attempts == 1  # in its backoff, not retried yet
     assert all(outbox_row(engine, f"stuck-{i}").status == PENDING for i in range(12))
 
 
-def test_failing_batch_publish_falls_back_to_one_by_one(engine: Engine) -> None:
+def test_failing_batch_publish_falls_back_to_one_by_one(model: Model, engine: Engine) -> None:
     publisher = BatchRecordingPublisher(failures={"m-3": ALWAYS})
-    relay = Relay(engine, publisher, RelayConfig(max_attempts=3))
+    relay = model.relay(model.publisher(publisher), config=RelayConfig(max_attempts=3))
     add_messages(engine, [msg(f"m-{i}", key="k" if i >= 3 else None) for i in range(6)])
-    result = relay.run_once()
+    result = do(model, relay.run_once)
     assert (result.claimed, result.published, result.failed) == (6, 3, 1)
     assert publisher.batches == [[f"m-{i}" for i in range(6)]]
     # m-4 and m-5 share m-3's key: not published ahead of it.
@@ -120,29 +136,35 @@ def test_failing_batch_publish_falls_back_to_one_by_one(engine: Engine) -> None:
     assert outbox_row(engine, "m-3").attempts == 1
 
 
-def test_delete_sent_removes_rows_instead_of_marking_them(engine: Engine) -> None:
+def test_delete_sent_removes_rows_instead_of_marking_them(model: Model, engine: Engine) -> None:
     publisher = RecordingPublisher()
-    relay = Relay(engine, publisher, RelayConfig(delete_sent=True))
+    relay = model.relay(model.publisher(publisher), config=RelayConfig(delete_sent=True))
     add_messages(engine, [msg("a"), msg("b")])
-    assert relay.drain(timeout=10) == 2
+    assert do(model, relay.drain, timeout=10) == 2
     assert status_counts(engine) == {PENDING: 0, SENT: 0, DEAD: 0, DISCARDED: 0}
 
 
-def test_large_payload_and_headers_reach_the_publisher_intact(engine: Engine) -> None:
+def test_large_payload_and_headers_reach_the_publisher_intact(model: Model, engine: Engine) -> None:
     payload = bytes(range(256)) * 1200  # 300 KiB, every byte value
-    sent = Message(topic="transfers", id="big", key="k", tag="t", payload=payload,
-                   headers={"trace": "ü-✓-张三", "n": "1"})
+    sent = Message(
+        topic="transfers",
+        id="big",
+        key="k",
+        tag="t",
+        payload=payload,
+        headers={"trace": "ü-✓-张三", "n": "1"},
+    )
     add_messages(engine, [sent])
     publisher = RecordingPublisher()
-    Relay(engine, publisher).drain(timeout=10)
+    do(model, model.relay(model.publisher(publisher)).drain, timeout=10)
     assert publisher.published == [sent]
 
 
-def test_sent_row_records_its_time(engine: Engine) -> None:
-    relay = Relay(engine, RecordingPublisher())
+def test_sent_row_records_its_time(model: Model, engine: Engine) -> None:
+    relay = model.relay(model.publisher(RecordingPublisher()))
     add_messages(engine, [msg("a")])
     before = utcnow()
-    relay.drain(timeout=10)
+    do(model, relay.drain, timeout=10)
     row = outbox_row(engine, "a")
     assert row.status == SENT
     assert before - dt.timedelta(seconds=1) <= row.sent_at <= utcnow() + dt.timedelta(seconds=1)
@@ -150,11 +172,15 @@ def test_sent_row_records_its_time(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("max_attempts", [1, 3])
-def test_rows_die_after_exactly_max_attempts(engine: Engine, max_attempts: int) -> None:
+def test_rows_die_after_exactly_max_attempts(
+    model: Model, engine: Engine, max_attempts: int
+) -> None:
     publisher = RecordingPublisher(failures={"x": ALWAYS})
-    relay = Relay(engine, publisher, RelayConfig(max_attempts=max_attempts,
-                                                 backoff=tenacity.wait_fixed(0)))
+    relay = model.relay(
+        model.publisher(publisher),
+        config=RelayConfig(max_attempts=max_attempts, backoff=tenacity.wait_fixed(0)),
+    )
     add_messages(engine, [msg("x")])
-    relay.drain(timeout=10)
+    do(model, relay.drain, timeout=10)
     assert publisher.attempts["x"] == max_attempts
     assert outbox_row(engine, "x").status == DEAD
