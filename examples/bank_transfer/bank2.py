@@ -20,9 +20,8 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -35,10 +34,8 @@ from sqlalchemy.orm import Session
 
 from outbox import (
     ConsumerConfig,
-    Delivery,
     IdempotentConsumer,
     Outbox,
-    OutboxError,
     ReceivedMessage,
     Reject,
     RelayConfig,
@@ -54,6 +51,7 @@ from . import CONSUMER_GROUP, DEAD_LETTER_TOPIC, REFUND_TOPIC, TOPIC
 from .chaos import faults
 from .models import bank2_accounts as accounts
 from .models import credits, returns
+from .runs import RUN_ID, OnlyRun
 from .runtime import configure_logging, stop_on_signals, url_option
 from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
 from .validation import BadRequest, parse_account, parse_amount, parse_transfer_no
@@ -88,7 +86,7 @@ def make_credit(bank2_outbox: Outbox) -> Handler:
     """The credit handler of bank2, sending refunds through ``bank2_outbox``."""
 
     @bank2_outbox.transactional_message(
-        topic=REFUND_TOPIC, message_id="transfer_no", key="to_account",
+        topic=REFUND_TOPIC, message_id="transfer_no",  # no key: refunds need no order
         payload=lambda transfer_no, to_account, amount, reason: {
             "transfer_no": transfer_no, "amount": str(amount), "reason": reason},
     )
@@ -141,62 +139,6 @@ def make_credit(bank2_outbox: Outbox) -> Handler:
         log.info("credited", transfer_no=message.id, account=to_account, amount=str(amount))
 
     return credit
-
-
-# -- one demo run among others on a shared broker -------------------------------------
-
-RUN_ID = re.compile(r"[A-Za-z0-9]{1,20}")
-
-
-def run_transfer_no(run_id: str, number: str) -> str:
-    """The transfer number ``number`` as demo run ``run_id`` sends it."""
-    return f"{run_id}-{number}"
-
-
-class OnlyRun:
-    """A Subscriber passing on only the messages of one demo run.
-
-    A broker keeps its topic between runs, and a new consumer group may be handed
-    the topic's older messages: transfers of earlier (or concurrent) runs, which
-    this run's bank2, with its fresh database, must not credit. They belong to the
-    other runs' consumer groups, which get their own copies, so here they are
-    acknowledged without processing and counted.
-    """
-
-    def __init__(self, subscriber: Subscriber, run_id: str) -> None:
-        self.subscriber = subscriber
-        self.run_id = run_id
-        self.prefix = run_transfer_no(run_id, "")
-        self.fetches = 0
-        self.other_runs = 0
-
-    def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
-        ours: list[Delivery] = []
-        others = 0
-        for delivery in self.subscriber.fetch(max_messages, wait_seconds):
-            if (delivery.message_id or "").startswith(self.prefix):
-                ours.append(delivery)
-                continue
-            others += 1
-            try:
-                self.subscriber.ack(delivery)
-            except OutboxError as exc:  # it comes back later and is ignored again
-                log.warning("other_run_ack_failed", error=str(exc),
-                            message_id=delivery.message_id)
-        self.fetches += 1
-        if others:
-            self.other_runs += others
-            log.info("other_runs_ignored", count=others, run_id=self.run_id)
-        return ours
-
-    def ack(self, delivery: Delivery) -> None:
-        self.subscriber.ack(delivery)
-
-    def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        self.subscriber.retry(delivery, delay_seconds, error)
-
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self.subscriber.dead_letter(delivery, reason)
 
 
 # -- the report file --------------------------------------------------------------------
@@ -295,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(default %(default)s)")
     parser.add_argument("--max-backoff", type=float, default=300.0,
                         help="longest wait before a failed message is redelivered, seconds")
+    parser.add_argument("--relay-max-attempts", type=int, default=RelayConfig.max_attempts,
+                        help="failed publishes of a refund before its row is parked dead "
+                             "(default %(default)s)")
     parser.add_argument("--redelivery-seconds", type=int, default=30,
                         help="an unacknowledged delivery comes back after this long "
                              "(default 30; RocketMQ's minimum is 10)")
@@ -329,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     bank2_outbox = Outbox(bank2)
     credit = make_credit(bank2_outbox)
     relay = bank2_outbox.relay(publisher, RelayConfig(
-        poll_interval=args.poll_interval * 4, backoff=tenacity.wait_exponential(
+        poll_interval=args.poll_interval * 4, max_attempts=args.relay_max_attempts,
+        backoff=tenacity.wait_exponential(
             multiplier=1, min=min(1.0, args.max_backoff), max=args.max_backoff)))
     # Chaos runs only (see bank_transfer.chaos.faults): may die before acknowledging.
     subscriber = faults.wrap_subscriber(subscriber)

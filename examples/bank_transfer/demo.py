@@ -40,9 +40,10 @@ from outbox_rocketmq import RocketMQPublisher
 from . import CONSUMER_GROUP, REFUND_GROUP, TOPIC
 from .audit import Books, backlog, balances, find_problems, progress, read_books
 from .bank1 import transfer_message
-from .bank2 import ConsumerReport, read_report, run_transfer_no
+from .bank2 import ConsumerReport, read_report
 from .children import Child, ServiceFailed, free_port, start, stop_all, wait_healthy
 from .models import transfers
+from .runs import run_transfer_no
 from .setup import setup, setup_transport
 from .transports import DEFAULT_ENDPOINTS, ROCKETMQ, SQL, TRANSPORTS, rocketmq_config
 

@@ -24,7 +24,7 @@ from .decorator import (
     check_function_kind,
     check_options,
 )
-from .errors import ConfigurationError, MisuseError
+from .errors import ConfigurationError, MissingTableError, MisuseError
 from .log import get_logger
 from .message import Message
 from .relay import Relay, RelayConfig
@@ -126,11 +126,11 @@ def database_identity(url: URL) -> URL:
 
 
 def missing_tables_error(url: URL, existing: set[str], tables: Sequence[Table]
-                         ) -> ConfigurationError | None:
+                         ) -> MissingTableError | None:
     missing = [t.name for t in tables if t.name not in existing]
     if not missing:
         return None
-    return ConfigurationError(
+    return MissingTableError(
         f"table(s) {', '.join(missing)} missing in {safe_url(url)}; create them with  "
         "outbox migrate --db URL  (or alembic upgrade outbox@head, or "
         "outbox.metadata.create_all(engine))"

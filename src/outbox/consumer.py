@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .codec import JsonCodec
 from .db import insert_ignore, safe_url
-from .errors import ConfigurationError, DecodeError, MisuseError
+from .errors import ConfigurationError, DecodeError, MissingTableError, MisuseError
 from .log import get_logger
 from .relay import delay_for, exponential_backoff
 from .schema import inbox, utcnow
@@ -217,12 +217,12 @@ class ConsumerPolicy:
             log.info(decision.event, **fields)
 
 
-def inbox_missing(url: Any, existing: set[str]) -> ConfigurationError | None:
+def inbox_missing(url: Any, existing: set[str]) -> MissingTableError | None:
     """The error for a consumer database without the inbox table (a setup mistake,
     not an outage: nothing is retried or dead-lettered for it)."""
     if inbox.name in existing:
         return None
-    return ConfigurationError(
+    return MissingTableError(
         f"table {inbox.name} is missing in {safe_url(url)}, so the consumer cannot record "
         "what it processed; create the tables with  outbox migrate --db URL  (or alembic "
         "upgrade outbox@head, or outbox.metadata.create_all(engine)); nothing was "
@@ -290,8 +290,8 @@ class IdempotentConsumer:
         if isinstance(decision, ReceivedMessage):
             try:
                 decision = policy.succeeded(self._apply(decision))
-            except ConfigurationError:
-                raise
+            except MissingTableError:
+                raise  # a setup mistake: nothing is retried or dead-lettered for it
             except Exception as exc:
                 decision = policy.failed(exc, delivery.attempt)
         action, args = policy.verdict(decision)
@@ -337,12 +337,12 @@ class IdempotentConsumer:
     def run(self, stop: threading.Event | None = None) -> None:
         """Consume until ``stop`` (or :meth:`stop`) is set. Errors reaching the
         transport or the database are logged and retried, so the consumer outlives
-        a restart of either; a configuration error (a missing inbox table) ends it."""
+        a restart of either; a missing inbox table ends it (MissingTableError)."""
         stop = stop or self._stop
         while not stop.is_set() and not self._stop.is_set():
             try:
                 self.run_once()
-            except ConfigurationError:
+            except MissingTableError:
                 raise
             except Exception as exc:
                 log.error("consumer_batch_failed", error=_reason(exc), group=self.group)

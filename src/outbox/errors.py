@@ -56,3 +56,8 @@ class MisuseError(OutboxError):
     rolling back or closing the session the framework owns, a sync decorator on a
     coroutine, a nested call that cannot join the open transaction. Nothing of the
     call is committed."""
+
+
+class MissingTableError(ConfigurationError):
+    """A table the framework needs does not exist in the database: create it (``outbox
+    migrate``). A consumer stops on it rather than take the database for down."""

@@ -15,15 +15,9 @@ import pytest
 from sqlalchemy import select
 
 from bank_transfer import CONSUMER_GROUP, TOPIC
-from bank_transfer.bank2 import (
-    ConsumerReport,
-    OnlyRun,
-    make_credit,
-    read_report,
-    run_transfer_no,
-    write_report,
-)
+from bank_transfer.bank2 import ConsumerReport, make_credit, read_report, write_report
 from bank_transfer.models import bank2_accounts, credits
+from bank_transfer.runs import OnlyRun, run_transfer_no
 from bank_transfer.setup import setup
 from outbox import Delivery, IdempotentConsumer, JsonCodec, Message, Outbox, create_engine
 from outbox.testing import InMemoryBroker

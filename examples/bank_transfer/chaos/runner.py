@@ -16,8 +16,9 @@ from outbox import SqlTransport, create_engine
 from outbox_rocketmq import RocketMQConfig
 
 from .. import REFUND_GROUP
-from ..bank2 import read_report, run_transfer_no
+from ..bank2 import read_report
 from ..children import free_port
+from ..runs import run_transfer_no
 from ..setup import setup, setup_transport
 from . import hostile
 from .driver import Outcome, drive, plan
@@ -95,7 +96,8 @@ def _services(scenario: Scenario, adapter: str, placement: Placement, port: int,
     relay_args = ["--max-attempts", "100000", "--max-backoff", "1"]
     # Enough attempts that a random handler failure never dead-letters a real
     # transfer (0.3 ** 12 per message), under RocketMQ's own limit of 16 deliveries.
-    bank2_args = ["--max-attempts", "12", "--max-backoff", "0.5"]
+    bank2_args = ["--max-attempts", "12", "--max-backoff", "0.5",
+                  "--relay-max-attempts", "100000"]  # bank2's refunds: never dead on an outage
     if adapter == "sql":
         transport_urls = {"--transport-db": urls["transport"]}
         bank2_args += ["--redelivery-seconds", "5"]

@@ -24,7 +24,7 @@ from ..consumer import (
     _reason,
     inbox_missing,
 )
-from ..errors import ConfigurationError, MisuseError
+from ..errors import ConfigurationError, MissingTableError, MisuseError
 from ..log import get_logger
 from ..transport import Delivery
 from ..typing import AsyncSubscriber, Codec
@@ -92,8 +92,8 @@ class AsyncIdempotentConsumer:
         if isinstance(decision, ReceivedMessage):
             try:
                 decision = policy.succeeded(await self._apply(decision))
-            except ConfigurationError:
-                raise
+            except MissingTableError:
+                raise  # a setup mistake: nothing is retried or dead-lettered for it
             except Exception as exc:
                 decision = policy.failed(exc, delivery.attempt)
         action, args = policy.verdict(decision)
@@ -141,12 +141,12 @@ class AsyncIdempotentConsumer:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`. Errors reaching the transport or the database
-        are logged and retried; a configuration error (a missing inbox table) ends it."""
+        are logged and retried; a missing inbox table ends it (MissingTableError)."""
         self._stopping = False
         while not self._stopping:
             try:
                 await self.run_once()
-            except ConfigurationError:
+            except MissingTableError:
                 raise
             except Exception as exc:
                 log.error("consumer_batch_failed", error=_reason(exc), group=self.group)
