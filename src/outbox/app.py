@@ -33,14 +33,13 @@ from .scope import (
     SCOPE_KEY,
     Scope,
     Ticket,
-    caller_scope,
     current_scope,
-    guarded_class,
     open_on,
     run_owned,
     write_lock_statement,
     write_records,
 )
+from .sessions import caller_scope, guarded_class
 from .storage import duplicate_id, message_row
 from .transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT, SqlAlchemyTransactionListener
 from .typing import Codec, Publisher

@@ -22,7 +22,8 @@ from .errors import ConfigurationError, DecodeError, MissingTableError, MisuseEr
 from .log import get_logger
 from .relay import delay_for, exponential_backoff
 from .schema import inbox, utcnow
-from .scope import guarded_class, run_owned
+from .scope import run_owned
+from .sessions import guarded_class
 from .transport import Delivery
 from .typing import Codec, Subscriber
 

@@ -25,7 +25,8 @@ from ..errors import ConfigurationError, MisuseError, TransactionOutcomeUnknown
 from ..message import Message
 from ..relay import RelayConfig
 from ..schema import outbox_messages
-from ..scope import Scope, Ticket, current_scope, guarded_class
+from ..scope import Scope, Ticket, current_scope
+from ..sessions import guarded_class
 from ..transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT, SqlAlchemyTransactionListener
 from ..typing import AsyncPublisher
 from .relay import AsyncRelay
