@@ -182,6 +182,12 @@ class BaseOutbox:
             return active
         found = session.info.get(SCOPE_KEY)
         if isinstance(found, Scope):
+            if found.owned:
+                # The framework's session of a call that has returned: nothing would
+                # commit the message, or follow its commit.
+                raise MisuseError(
+                    f"{what} got the session of {found.owner} after that call ended; send "
+                    "inside the call, or on a session of your own")
             return found
         bind = session.get_bind()
         url = bind.engine.url if isinstance(bind, Connection) else bind.url

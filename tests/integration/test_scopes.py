@@ -344,3 +344,23 @@ def test_send_inside_a_decorated_function_joins_its_transaction(
     debit = define_debit(model, ob, tables, then=send_more)
     model.run(lambda: model.call(debit, "T1"))
     assert outbox_ids(model.engine) == ["T1-audit", "T1"]
+
+
+def test_send_on_the_session_of_a_finished_call_is_refused(
+    model: Model, tables: SimpleNamespace
+) -> None:
+    ob = model.outbox()
+    kept: list[Any] = []
+
+    async def keep(ops: SyncOps, no: str) -> None:
+        kept.append(ops.session)
+
+    debit = define_debit(model, ob, tables, then=keep)
+    model.run(lambda: model.call(debit, "T1"))
+
+    async def scenario() -> None:
+        await model.ops(kept[0]).send(ob, topic="t", payload={}, message_id="late")
+
+    with pytest.raises(MisuseError, match="after that call ended"):
+        model.run(scenario)
+    assert outbox_ids(model.engine) == ["T1"]
