@@ -34,6 +34,7 @@ from .scope import (
     Scope,
     Ticket,
     current_scope,
+    database_identity,
     open_on,
     run_owned,
     write_lock_statement,
@@ -117,11 +118,6 @@ class LocalOutbox:
 
     async def aprepare(self, outbox: Any, message: Message) -> Ticket:
         return LocalTicket(message, outbox.notify_committed)
-
-
-def database_identity(url: URL) -> URL:
-    """The database a URL names, whatever its driver (sync and asyncio alike)."""
-    return url.set(drivername=url.get_backend_name())
 
 
 def missing_tables_error(url: URL, existing: set[str], tables: Sequence[Table]

@@ -22,7 +22,7 @@ from .errors import ConfigurationError, DecodeError, MissingTableError, MisuseEr
 from .log import get_logger
 from .relay import delay_for, exponential_backoff
 from .schema import inbox, utcnow
-from .scope import run_owned
+from .scope import database_identity, run_owned
 from .sessions import guarded_class
 from .transport import Delivery
 from .typing import Codec, Subscriber
@@ -280,7 +280,7 @@ class IdempotentConsumer:
         self.codec: Codec = codec or JsonCodec()
         self.config = config or ConsumerConfig()
         self.policy = ConsumerPolicy(group, self.codec, self.config)
-        self.identity = self.engine.url.set(drivername=self.engine.url.get_backend_name())
+        self.identity = database_identity(self.engine.url)
         self.stats = ConsumerStats()
         self._stop = threading.Event()
 

@@ -64,6 +64,11 @@ class Ticket(Protocol):
         ...
 
 
+def database_identity(url: URL) -> URL:
+    """The database a URL names, whatever its driver (sync and asyncio alike)."""
+    return url.set(drivername=url.get_backend_name())
+
+
 _CURRENT: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "outbox_scope", default=None)
 

@@ -15,7 +15,7 @@ from .errors import MisuseError, TransactionOutcomeUnknown, TransactionRolledBac
 from .log import get_logger
 from .message import Message, TransactionState
 from .schema import outbox_messages, transaction_log, utcnow
-from .scope import outcome_unknown, run_owned, write_lock_statement
+from .scope import database_identity, outcome_unknown, run_owned, write_lock_statement
 from .storage import duplicate_id, message_row
 
 log = get_logger("outbox")
@@ -102,7 +102,8 @@ class SqlAlchemyTransactionListener:
         dialect = bind.dialect.name if bind is not None else ""
         try:
             run_owned(
-                self.session_factory, identity=bind.url if bind is not None else URL.create("-"),
+                self.session_factory,
+                identity=database_identity(bind.url) if bind is not None else URL.create("-"),
                 owner=getattr(work, "name", "the local transaction"), ticket=ticket,
                 lock=write_lock_statement(dialect, transaction_log), work=work.run,
                 explain=lambda exc: exc,

@@ -26,6 +26,7 @@ from ..consumer import (
 )
 from ..errors import ConfigurationError, MissingTableError, MisuseError
 from ..log import get_logger
+from ..scope import database_identity
 from ..transport import Delivery
 from ..typing import AsyncSubscriber, Codec
 from ._tasks import Background
@@ -74,7 +75,7 @@ class AsyncIdempotentConsumer:
         self.session_factory = guarded_async_factory(bind, "AsyncIdempotentConsumer")
         engine = self.session_factory.kw["bind"]
         self.engine: AsyncEngine = engine
-        self.identity = engine.url.set(drivername=engine.url.get_backend_name())
+        self.identity = database_identity(engine.url)
         self.subscriber = subscriber
         self.group = group
         self.handler = handler
