@@ -7,10 +7,10 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .envelope import CREATED_AT_HEADER, check_user_headers
 from .errors import ConfigurationError, MessageError, MisuseError
 from .message import Message
 from .schema import utcnow
-from .transaction import CREATED_AT_HEADER
 from .typing import Codec
 
 Spec = str | Callable[..., Any] | None
@@ -75,6 +75,7 @@ def build_message(
     tag: str | None = None, headers: Mapping[str, str] | None = None,
 ) -> Message:
     """The message for ``body``, stamped with its creation time (for check-backs)."""
+    check_user_headers(headers)
     msg_headers = {**(headers or {}), CREATED_AT_HEADER: utcnow().isoformat()}
     key_text = as_text("key", key)
     if message_id is RANDOM_ID:
@@ -108,6 +109,10 @@ class MessageSpec:
         self._key = _argument_getter("key", key, by_name)
         self._id = _argument_getter("message_id", message_id, by_name)
         self._tag = tag
+        try:
+            check_user_headers(headers)  # refused when decorating, not at the first call
+        except MessageError as exc:
+            raise ConfigurationError(str(exc)) from None
         self._headers = dict(headers or {})
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:

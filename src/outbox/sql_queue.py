@@ -7,7 +7,6 @@ calls them directly and ``outbox.aio.AsyncSqlTransport`` through ``run_sync``.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from .db import dialect_name, insert_ignore, lock_for_writing, safe_url, supports_skip_locked
+from .envelope import decode_headers, encode_headers
 from .errors import BrokerUnavailableError, ConfigurationError, PublishError
 from .message import Message
 from .schema import (
@@ -195,7 +195,7 @@ def insert_raw(
     with conn.begin():
         conn.execute(messages.insert().values(
             topic=topic, message_id=message_id, key=key, tag=tag,
-            headers=json.dumps(dict(headers or {})), payload=payload, created_at=utcnow(),
+            headers=encode_headers(headers or {}), payload=payload, created_at=utcnow(),
         ))
 
 
@@ -233,7 +233,7 @@ def purge_older(conn: Connection, older_than: dt.timedelta, batch_size: int) -> 
 def _row(message: Message, now: dt.datetime) -> dict[str, Any]:
     return {
         "topic": message.topic, "message_id": message.id, "key": message.key, "tag": message.tag,
-        "headers": json.dumps(dict(message.headers), ensure_ascii=False, sort_keys=True),
+        "headers": encode_headers(message.headers),
         "payload": message.payload, "created_at": now,
     }
 
@@ -246,15 +246,6 @@ def insert_messages(conn: Connection, batch: Sequence[Message]) -> None:
     with conn.begin():
         conn.execute(messages.insert(), [_row(m, now) for m in batch])
 
-
-def _headers(raw: str) -> dict[str, str]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {}
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): str(v) for k, v in value.items()}
 
 
 def claim(conn: Connection, topic: str, group: str, max_messages: int,
@@ -306,7 +297,7 @@ def claim(conn: Connection, topic: str, group: str, max_messages: int,
     return [
         Delivery(
             topic=r.topic, payload=bytes(r.payload), message_id=r.message_id,
-            attempt=attempts[r.seq], key=r.key, tag=r.tag, headers=_headers(r.headers),
+            attempt=attempts[r.seq], key=r.key, tag=r.tag, headers=decode_headers(r.headers),
             handle=r.seq,
         )
         for r in rows

@@ -12,7 +12,6 @@ its ``seq``) or discarding it releases the key, in order.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import lock_for_writing, supports_skip_locked
+from .envelope import decode_headers, encode_headers
 from .errors import ConfigurationError, DuplicateMessageError
 from .message import Message
 from .schema import (
@@ -54,7 +54,7 @@ def message_row(message: Message, now: dt.datetime) -> dict[str, object]:
         "topic": message.topic,
         "key": message.key,
         "tag": message.tag,
-        "headers": json.dumps(dict(message.headers), ensure_ascii=False, sort_keys=True),
+        "headers": encode_headers(message.headers),
         "payload": message.payload,
         "status": PENDING,
         "attempts": 0,
@@ -98,7 +98,7 @@ def to_message(row: object) -> Message:
     r = row._mapping  # type: ignore[attr-defined]
     return Message(
         id=r["message_id"], topic=r["topic"], payload=bytes(r["payload"]), key=r["key"],
-        tag=r["tag"], headers=json.loads(r["headers"]),
+        tag=r["tag"], headers=decode_headers(r["headers"]),
     )
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
+from .envelope import CREATED_AT_HEADER as ENVELOPE_CREATED_AT
 from .errors import MisuseError, TransactionOutcomeUnknown, TransactionRolledBack
 from .log import get_logger
 from .message import Message, TransactionState
@@ -24,7 +25,7 @@ log = get_logger("outbox")
 DEFAULT_LOCAL_TRANSACTION_TIMEOUT = dt.timedelta(seconds=60)
 
 #: Header holding the naive-UTC ISO time the message was built (before the transaction).
-CREATED_AT_HEADER = "outbox-created-at"
+CREATED_AT_HEADER = ENVELOPE_CREATED_AT
 
 
 class LocalWork:

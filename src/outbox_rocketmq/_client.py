@@ -7,13 +7,12 @@ closes existing handlers); the import here puts the application's logging back.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import socket
-from collections.abc import Mapping
 from typing import Any
 
+from outbox.envelope import decode_headers, encode_headers
 from outbox.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -90,19 +89,10 @@ def to_rocketmq(message: Message) -> Any:
         out.tag = message.tag
     if message.key:
         out.keys = message.key
-    out.add_property(HEADERS_PROPERTY, json.dumps(dict(message.headers), sort_keys=True))
+    out.add_property(HEADERS_PROPERTY, encode_headers(message.headers))
     out.add_property(MESSAGE_ID_PROPERTY, message.id)
     return out
 
-
-def _headers(properties: Mapping[str, str]) -> dict[str, str]:
-    try:
-        value = json.loads(properties.get(HEADERS_PROPERTY) or "{}")
-    except ValueError:
-        return {}
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): str(v) for k, v in value.items()}
 
 
 def from_rocketmq(received: Any) -> Message:
@@ -113,7 +103,7 @@ def from_rocketmq(received: Any) -> Message:
         id=properties.get(MESSAGE_ID_PROPERTY) or "",
         topic=received.topic, payload=bytes(received.body or b""),
         key=keys[0] if keys else None, tag=received.tag or None,
-        headers=_headers(properties),
+        headers=decode_headers(properties.get(HEADERS_PROPERTY)),
     )
 
 
@@ -125,7 +115,7 @@ def to_delivery(received: Any) -> Delivery:
         message_id=properties.get(MESSAGE_ID_PROPERTY),
         attempt=int(received.delivery_attempt or 1),
         key=keys[0] if keys else None, tag=received.tag or None,
-        headers=_headers(properties), handle=received,
+        headers=decode_headers(properties.get(HEADERS_PROPERTY)), handle=received,
     )
 
 
