@@ -218,6 +218,27 @@ class ConsumerPolicy:
             log.info(decision.event, **fields)
 
 
+class ConsumerBase:
+    """What the sync and the asyncio idempotent consumer share: group, handler, codec,
+    configuration, decisions and counts (the subclass sets ``session_factory``)."""
+
+    def _setup(self, engine: Any, subscriber: Any, group: str, handler: Any,
+               codec: Codec | None, config: ConsumerConfig | None) -> None:
+        self.identity = database_identity(engine.url)
+        self.subscriber = subscriber
+        self.group = group
+        self.handler = handler
+        self.codec: Codec = codec or JsonCodec()
+        self.config = config or ConsumerConfig()
+        self.policy = ConsumerPolicy(group, self.codec, self.config)
+        self.stats = ConsumerStats()
+
+    @staticmethod
+    def check_group(group: str) -> None:
+        if not group or len(group) > 200:
+            raise ConfigurationError("consumer group must be 1 to 200 characters")
+
+
 def inbox_missing(url: Any, existing: set[str]) -> MissingTableError | None:
     """The error for a consumer database without the inbox table (a setup mistake,
     not an outage: nothing is retried or dead-lettered for it)."""
@@ -231,7 +252,7 @@ def inbox_missing(url: Any, existing: set[str]) -> MissingTableError | None:
     )
 
 
-class IdempotentConsumer:
+class IdempotentConsumer(ConsumerBase):
     """Applies each message of ``subscriber`` once to the consumer's own database.
 
     For every delivery it opens a transaction, inserts the inbox row ``(group,
@@ -258,8 +279,7 @@ class IdempotentConsumer:
         codec: Codec | None = None,
         config: ConsumerConfig | None = None,
     ) -> None:
-        if not group or len(group) > 200:
-            raise ConfigurationError("consumer group must be 1 to 200 characters")
+        self.check_group(group)
         if isinstance(bind, Engine):
             self.session_factory = sessionmaker(bind, class_=guarded_class(Session),
                                                 expire_on_commit=False)
@@ -274,14 +294,7 @@ class IdempotentConsumer:
                 "the handler is an async def; IdempotentConsumer runs sync handlers. Use "
                 "AsyncIdempotentConsumer with an AsyncEngine and an async subscriber")
         self.engine: Engine = self.session_factory.kw["bind"]
-        self.subscriber = subscriber
-        self.group = group
-        self.handler = handler
-        self.codec: Codec = codec or JsonCodec()
-        self.config = config or ConsumerConfig()
-        self.policy = ConsumerPolicy(group, self.codec, self.config)
-        self.identity = database_identity(self.engine.url)
-        self.stats = ConsumerStats()
+        self._setup(self.engine, subscriber, group, handler, codec, config)
         self._stop = threading.Event()
 
     def handle(self, delivery: Delivery) -> Outcome:

@@ -14,10 +14,9 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from ..codec import JsonCodec
 from ..consumer import (
+    ConsumerBase,
     ConsumerConfig,
-    ConsumerPolicy,
     ConsumerStats,
     Outcome,
     ReceivedMessage,
@@ -26,7 +25,6 @@ from ..consumer import (
 )
 from ..errors import ConfigurationError, MissingTableError, MisuseError
 from ..log import get_logger
-from ..scope import database_identity
 from ..transport import Delivery
 from ..typing import AsyncSubscriber, Codec
 from ._tasks import Background
@@ -37,7 +35,7 @@ log = get_logger("outbox.consumer")
 AsyncHandler = Callable[[AsyncSession, ReceivedMessage], Awaitable[None]]
 
 
-class AsyncIdempotentConsumer:
+class AsyncIdempotentConsumer(ConsumerBase):
     """Applies each message of an asyncio ``subscriber`` once to the consumer's database.
 
     The same promise as :class:`outbox.IdempotentConsumer`: the inbox row and
@@ -62,8 +60,7 @@ class AsyncIdempotentConsumer:
         codec: Codec | None = None,
         config: ConsumerConfig | None = None,
     ) -> None:
-        if not group or len(group) > 200:
-            raise ConfigurationError("consumer group must be 1 to 200 characters")
+        self.check_group(group)
         if not inspect.iscoroutinefunction(handler):
             raise MisuseError(
                 "AsyncIdempotentConsumer needs an async def handler(session, message); for a "
@@ -73,16 +70,8 @@ class AsyncIdempotentConsumer:
                 f"{type(subscriber).__name__} is not an asyncio subscriber; use its asyncio "
                 "form (e.g. AsyncSqlTransport(...).subscriber(...))")
         self.session_factory = guarded_async_factory(bind, "AsyncIdempotentConsumer")
-        engine = self.session_factory.kw["bind"]
-        self.engine: AsyncEngine = engine
-        self.identity = database_identity(engine.url)
-        self.subscriber = subscriber
-        self.group = group
-        self.handler = handler
-        self.codec: Codec = codec or JsonCodec()
-        self.config = config or ConsumerConfig()
-        self.policy = ConsumerPolicy(group, self.codec, self.config)
-        self.stats = ConsumerStats()
+        self.engine: AsyncEngine = self.session_factory.kw["bind"]
+        self._setup(self.engine, subscriber, group, handler, codec, config)
         self._stopping = False
         self._background = Background("consumer")
 
