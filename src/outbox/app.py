@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from sqlalchemy import Connection, Engine, Executable, Insert, Table
+from sqlalchemy import Connection, Engine, Executable, Table
 from sqlalchemy import inspect as inspect_db
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -28,7 +28,7 @@ from .errors import ConfigurationError, MissingTableError, MisuseError
 from .log import get_logger
 from .message import Message
 from .relay import Relay, RelayConfig
-from .schema import outbox_messages, utcnow
+from .schema import outbox_messages
 from .scope import (
     SCOPE_KEY,
     Scope,
@@ -41,7 +41,7 @@ from .scope import (
     write_records,
 )
 from .sessions import caller_scope, guarded_class
-from .storage import duplicate_id, message_row
+from .storage import duplicate_id, insert_message
 from .transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT, SqlAlchemyTransactionListener
 from .typing import Codec, Publisher
 
@@ -67,15 +67,6 @@ class TopicRegistry(Protocol):
     which database produces a topic (to answer the broker's check-backs)."""
 
     def register(self, topic: str, outbox: Any) -> None: ...
-
-
-def insert_message(message: Message, *, due_at: dt.datetime | None = None) -> Insert:
-    """The INSERT of ``message`` as a pending outbox row: the one extra statement of a
-    write. ``due_at`` holds the row back until then (a guard row)."""
-    row = message_row(message, utcnow())
-    if due_at is not None:
-        row["next_attempt_at"] = due_at
-    return outbox_messages.insert().values(row)
 
 
 class LocalTicket:
@@ -130,6 +121,22 @@ def missing_tables_error(url: URL, existing: set[str], tables: Sequence[Table]
         "outbox migrate --db URL  (or alembic upgrade outbox@head, or "
         "outbox.metadata.create_all(engine))"
     )
+
+
+#: Given a database's URL and its table names, the error a missing table means (or None).
+Explain = Callable[[URL, set[str]], BaseException | None]
+
+
+def explain_missing(engine: Engine, exc: BaseException, explain: Explain) -> BaseException:
+    """A database error as the user should see it when the cause is a missing table;
+    else ``exc`` itself. Looked at only after a failure: the write path pays nothing."""
+    if not isinstance(exc, DBAPIError):
+        return exc
+    try:
+        existing = set(inspect_db(engine).get_table_names())
+    except DBAPIError:
+        return exc
+    return explain(engine.url, existing) or exc
 
 
 class BaseOutbox:
@@ -249,14 +256,11 @@ class Outbox(BaseOutbox):
         Looked at only after a failure, so the write path pays nothing for it.
         """
         bind = self.session_factory.kw.get("bind")
-        if not isinstance(exc, DBAPIError) or not isinstance(bind, Engine):
-            return exc
-        try:
-            existing = set(inspect_db(bind).get_table_names())
-        except DBAPIError:
+        if not isinstance(bind, Engine):
             return exc
         needed = tables or getattr(self.delivery, "tables", (outbox_messages,))
-        return missing_tables_error(bind.url, existing, needed) or exc
+        return explain_missing(
+            bind, exc, lambda url, existing: missing_tables_error(url, existing, needed))
 
     def relay(self, publisher: Publisher, config: RelayConfig | None = None) -> Relay:
         """A relay on this outbox's database, nudged right after each local commit."""

@@ -11,11 +11,11 @@ from typing import Any
 
 import tenacity
 from sqlalchemy import Engine, Executable
-from sqlalchemy import inspect as inspect_db
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .app import explain_missing
 from .codec import JsonCodec
 from .db import insert_ignore, safe_url
 from .errors import ConfigurationError, DecodeError, MissingTableError, MisuseError
@@ -331,13 +331,7 @@ class IdempotentConsumer(ConsumerBase):
         )
 
     def _explain(self, exc: BaseException) -> BaseException:
-        if not isinstance(exc, DBAPIError):
-            return exc
-        try:
-            existing = set(inspect_db(self.engine).get_table_names())
-        except DBAPIError:
-            return exc
-        return inbox_missing(self.engine.url, existing) or exc
+        return explain_missing(self.engine, exc, inbox_missing)
 
     def run_once(self, wait_seconds: float | None = None) -> ConsumerStats:
         """Fetch one batch and handle it; returns what happened."""

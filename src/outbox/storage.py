@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     Connection,
+    Insert,
     and_,
     bindparam,
     delete,
@@ -63,18 +64,22 @@ def message_row(message: Message, now: dt.datetime) -> dict[str, object]:
     }
 
 
-def add_message(
-    session: Session | Connection, message: Message, *, due_at: dt.datetime | None = None
-) -> None:
-    """Insert ``message`` as a pending outbox row: the one extra statement of a write.
-
-    ``due_at`` holds the row back until then (a guard row, see the RocketMQ adapter).
-    """
+def insert_message(message: Message, *, due_at: dt.datetime | None = None) -> Insert:
+    """The INSERT of ``message`` as a pending outbox row: the one extra statement of a
+    write. ``due_at`` holds the row back until then (a guard row, see the RocketMQ
+    adapter)."""
     row = message_row(message, utcnow())
     if due_at is not None:
         row["next_attempt_at"] = due_at
+    return T.insert().values(row)
+
+
+def add_message(
+    session: Session | Connection, message: Message, *, due_at: dt.datetime | None = None
+) -> None:
+    """Execute :func:`insert_message`; a reused id is a DuplicateMessageError."""
     try:
-        session.execute(T.insert().values(row))
+        session.execute(insert_message(message, due_at=due_at))
     except IntegrityError:
         raise duplicate_id(message) from None
 

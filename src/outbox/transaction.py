@@ -15,9 +15,9 @@ from .envelope import CREATED_AT_HEADER as ENVELOPE_CREATED_AT
 from .errors import MisuseError, TransactionOutcomeUnknown, TransactionRolledBack
 from .log import get_logger
 from .message import Message, TransactionState
-from .schema import outbox_messages, transaction_log, utcnow
+from .schema import transaction_log, utcnow
 from .scope import database_identity, outcome_unknown, run_owned, write_lock_statement
-from .storage import duplicate_id, message_row
+from .storage import duplicate_id, insert_message
 
 log = get_logger("outbox")
 
@@ -202,9 +202,7 @@ class TransactionLogTicket:
         if guard_until is None:
             self.statements: Sequence[Executable] = (log_row,)
         else:
-            row = message_row(message, utcnow())
-            row["next_attempt_at"] = guard_until
-            self.statements = (log_row, outbox_messages.insert().values(row))
+            self.statements = (log_row, insert_message(message, due_at=guard_until))
 
     def before_commit(self) -> None:
         self.listener.refuse_late_commit(self.message)

@@ -12,14 +12,14 @@ from asyncio import CancelledError
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Executable, Table
+from sqlalchemy import Executable
 from sqlalchemy import inspect as inspect_db
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from ..app import BaseOutbox, missing_tables_error
+from ..app import BaseOutbox, Explain, missing_tables_error
 from ..decorator import MessageSpec, check_function_kind, check_options
 from ..errors import ConfigurationError, MisuseError, TransactionOutcomeUnknown
 from ..message import Message
@@ -94,11 +94,9 @@ def guarded_async_factory(bind: AsyncEngine | async_sessionmaker[AsyncSession], 
     )
 
 
-async def explain_missing(engine: AsyncEngine, exc: BaseException, tables: Sequence[Table]
-                          ) -> BaseException:
-    """A database error as the user should see it when the cause is a missing table.
-
-    Looked at only after a failure, so the write path pays nothing for it."""
+async def aexplain_missing(engine: AsyncEngine, exc: BaseException, explain: Explain
+                           ) -> BaseException:
+    """:func:`outbox.app.explain_missing`, awaited."""
     if not isinstance(exc, DBAPIError):
         return exc
     try:
@@ -106,7 +104,7 @@ async def explain_missing(engine: AsyncEngine, exc: BaseException, tables: Seque
             existing = set(await conn.run_sync(lambda c: inspect_db(c).get_table_names()))
     except DBAPIError:
         return exc
-    return missing_tables_error(engine.url, existing, tables) or exc
+    return explain(engine.url, existing) or exc
 
 
 class AsyncOutbox(BaseOutbox):
@@ -145,7 +143,8 @@ class AsyncOutbox(BaseOutbox):
 
     async def explain_failure(self, exc: BaseException) -> BaseException:
         tables = getattr(self.delivery, "tables", (outbox_messages,))
-        return await explain_missing(self.engine, exc, tables)
+        return await aexplain_missing(
+            self.engine, exc, lambda url, existing: missing_tables_error(url, existing, tables))
 
     def relay(self, publisher: AsyncPublisher, config: RelayConfig | None = None) -> AsyncRelay:
         """An :class:`AsyncRelay` on this outbox's database, nudged after each local commit."""

@@ -11,7 +11,6 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ..consumer import (
@@ -28,7 +27,7 @@ from ..log import get_logger
 from ..transport import Delivery
 from ..typing import AsyncSubscriber, Codec
 from ._tasks import Background
-from .app import arun_owned, guarded_async_factory
+from .app import aexplain_missing, arun_owned, guarded_async_factory
 
 log = get_logger("outbox.consumer")
 
@@ -109,16 +108,7 @@ class AsyncIdempotentConsumer(ConsumerBase):
         )
 
     async def _explain(self, exc: BaseException) -> BaseException:
-        if not isinstance(exc, DBAPIError):
-            return exc
-        from sqlalchemy import inspect as inspect_db
-
-        try:
-            async with self.engine.connect() as conn:
-                existing = set(await conn.run_sync(lambda c: inspect_db(c).get_table_names()))
-        except DBAPIError:
-            return exc
-        return inbox_missing(self.engine.url, existing) or exc
+        return await aexplain_missing(self.engine, exc, inbox_missing)
 
     async def run_once(self, wait_seconds: float | None = None) -> ConsumerStats:
         """Fetch one batch and handle it; returns what happened."""
