@@ -31,6 +31,7 @@ from .relay import Relay, RelayConfig
 from .schema import outbox_messages
 from .scope import (
     SCOPE_KEY,
+    Record,
     Scope,
     Ticket,
     current_scope,
@@ -72,13 +73,13 @@ class TopicRegistry(Protocol):
 class LocalTicket:
     """An outbox row in the transaction; after the commit, the relays are nudged."""
 
-    __slots__ = ("message", "nudge", "statements")
+    __slots__ = ("message", "nudge", "records")
 
     def __init__(self, message: Message, nudge: Callable[[], None],
                  due_at: dt.datetime | None = None) -> None:
         self.message = message
         self.nudge = nudge
-        self.statements: Sequence[Executable] = (insert_message(message, due_at=due_at),)
+        self.records: Sequence[Record] = (insert_message(message, due_at=due_at),)
 
     def before_commit(self) -> None:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -10,7 +11,7 @@ from sqlalchemy import Connection, Engine, Insert, Table, event, make_url
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 
 from .errors import ConfigurationError
 
@@ -91,11 +92,56 @@ def hide_secrets(text: str, url: str | URL | None = None) -> str:
     return text
 
 
-def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+#: A pooled connection idle for longer than this is pinged before it is handed out.
+DEFAULT_PING_AFTER_IDLE = 10.0
+_IDLE_SINCE = "outbox.idle_since"
+
+
+def check_after_idle(engine: Engine, seconds: float | None) -> None:
+    """Ping a pooled connection before handing it out only when it sat unused for
+    more than ``seconds``: a server restart or a firewall's idle timeout is found
+    before the transaction starts, while a busy service pays no round trip.
+
+    A connection that fails the ping is replaced (the pool tries a fresh one). A
+    connection lost in the middle of a transaction fails that transaction, as it
+    would with any ping, and the pool then replaces every connection older than the
+    failure. ``pool_pre_ping=True`` still pings on every checkout if you want that.
+    """
+    if seconds is None:
+        return
+    if seconds < 0:
+        raise ConfigurationError("ping_after_idle must be at least 0 seconds (or None)")
+    dialect = engine.dialect
+
+    def checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since <= seconds:
+            return
+        record.info[_IDLE_SINCE] = None
+        try:
+            alive = dialect.do_ping(dbapi_connection)
+        except Exception:
+            alive = False
+        if not alive:
+            raise DisconnectionError("idle pooled connection failed its ping")
+
+    event.listen(engine, "checkin", checkin)
+    event.listen(engine, "checkout", checkout)
+
+
+def create_engine(
+    url: str | URL, *, ping_after_idle: float | None = DEFAULT_PING_AFTER_IDLE, **kwargs: Any
+) -> Engine:
     """An engine set up the way outbox expects; any SQLAlchemy engine also works.
 
     For SQLite it turns on WAL and a busy timeout so that several processes (a
-    service and its relay) can share one file.
+    service and its relay) can share one file. Elsewhere a pooled connection is
+    pinged only after ``ping_after_idle`` seconds unused (see
+    :func:`check_after_idle`), not on every transaction; ``None`` turns that off.
+    Other keyword arguments go to :func:`sqlalchemy.create_engine`.
     """
     try:
         parsed = make_url(url)
@@ -107,8 +153,6 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_SECONDS)
-    else:
-        kwargs.setdefault("pool_pre_ping", True)
     try:
         engine = sa_create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
@@ -116,8 +160,11 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
         raise ConfigurationError(
             f"no driver for {safe_url(parsed)}: {exc}; {hint}"
         ) from None
-    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        event.listen(engine, "connect", _sqlite_on_connect)
+    if backend == "sqlite":
+        if parsed.database not in (None, "", ":memory:"):
+            event.listen(engine, "connect", _sqlite_on_connect)
+    elif not kwargs.get("pool_pre_ping"):
+        check_after_idle(engine, ping_after_idle)
     return engine
 
 

@@ -85,7 +85,9 @@ outbox_messages = Table(
     Column("last_error", LONG_TEXT, nullable=True),
     Column("created_at", TIMESTAMP, nullable=False),
     Column("sent_at", TIMESTAMP, nullable=True),
-    Index(None, "status", "seq"),
+    # Claims read due rows in due order (rows backing off sort after them); the
+    # parking probe and order check read one key's rows in seq order.
+    Index(None, "status", "next_attempt_at", "seq"),
     Index(None, "key", "status", "seq"),
     **TABLE_OPTIONS,
 )

@@ -6,10 +6,11 @@ around a handler, and ``Outbox.send(session, ...)`` attaches to the caller's own
 session. A decorated function called while a scope is open (a nested call, or a
 call from a handler) joins it: one commit, all messages.
 
-A delivery adapter turns a message into a :class:`Ticket`: the statements that make
-it durable inside the transaction, and what to do before and after the commit. The
-scope decides what an outcome means; the sync and asyncio drivers (``app.py`` and
-``aio/app.py``) only execute its steps.
+A delivery adapter turns a message into a :class:`Ticket`: the records that make
+it durable inside the transaction (each a statement built once and its parameters),
+and what to do before and after the commit. The scope decides what an outcome
+means; the sync and asyncio drivers (``app.py`` and ``aio/app.py``) only execute
+its steps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -38,18 +39,25 @@ MISUSE_KEY = "outbox.misuse"
 SCOPE_KEY = "outbox.scope"
 
 
+#: A statement built once (so SQLAlchemy compiles it once and the driver may prepare
+#: it) with the parameters of one execution.
+Record = tuple[Executable, Mapping[str, Any]]
+
+
 class Ticket(Protocol):
     """One message in one transaction, as its delivery adapter handles it.
 
-    ``statements`` are written inside the transaction (the outbox row, or the
-    transaction-log row of a half message). ``before_commit`` may raise to refuse
-    the commit. ``committed`` and ``rolled_back`` follow the outcome and must not
-    block an event loop (an asyncio adapter schedules its work). ``unknown`` is
-    called when the COMMIT itself failed midway and returns the error the caller
-    gets, or None for the database's own error.
+    ``records`` are written inside the transaction (the outbox row, or the
+    transaction-log row of a half message), each as a statement built once and the
+    parameters of this message, so the driver and the database reuse its plan.
+    ``before_commit`` may raise to refuse the commit. ``committed`` and
+    ``rolled_back`` follow the outcome and must not block an event loop (an asyncio
+    adapter schedules its work). ``unknown`` is called when the COMMIT itself failed
+    midway and returns the error the caller gets, or None for the database's own
+    error.
     """
 
-    statements: Sequence[Executable]
+    records: Sequence[Record]
 
     def before_commit(self) -> None: ...
 
@@ -174,12 +182,12 @@ class Scope:
 
     # -- the messages ----------------------------------------------------------------
 
-    def attach(self, ticket: Ticket) -> Sequence[Executable]:
-        """Add ``ticket``; returns the statements the driver writes now."""
+    def attach(self, ticket: Ticket) -> Sequence[Record]:
+        """Add ``ticket``; returns the records the driver writes now."""
         self.tickets.append(ticket)
         # A ticket written inside a savepoint goes if that savepoint rolls back.
         self._savepoints.append(self.session.get_nested_transaction())
-        return ticket.statements
+        return ticket.records
 
     def detach(self, ticket: Ticket) -> None:
         """Take back a ticket whose record could not be written."""
@@ -302,11 +310,11 @@ def run_owned(
     return result
 
 
-def write_records(session: Session, statements: Sequence[Executable], ticket: Ticket) -> None:
-    """Write a ticket's durable record; a reused message id is a DuplicateMessageError."""
+def write_records(session: Session, records: Sequence[Record], ticket: Ticket) -> None:
+    """Write a ticket's durable records; a reused message id is a DuplicateMessageError."""
     try:
-        for statement in statements:
-            session.execute(statement)
+        for statement, params in records:
+            session.execute(statement, params)
     except IntegrityError:
         raise ticket.duplicate() from None
 

@@ -12,13 +12,21 @@ its ``seq``) or discarding it releases the key, in order.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
     Connection,
+    Executable,
     Insert,
+    Integer,
+    Select,
     and_,
+    any_,
     bindparam,
     delete,
     exists,
@@ -28,10 +36,11 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .db import lock_for_writing, supports_skip_locked
+from .db import dialect_name, lock_for_writing, supports_skip_locked
 from .envelope import decode_headers, encode_headers
 from .errors import ConfigurationError, DuplicateMessageError
 from .message import Message
@@ -64,14 +73,20 @@ def message_row(message: Message, now: dt.datetime) -> dict[str, object]:
     }
 
 
-def insert_message(message: Message, *, due_at: dt.datetime | None = None) -> Insert:
-    """The INSERT of ``message`` as a pending outbox row: the one extra statement of a
-    write. ``due_at`` holds the row back until then (a guard row, see the RocketMQ
-    adapter)."""
+#: The one extra statement of a write, built once: SQLAlchemy compiles it once and
+#: the driver prepares it (psycopg after a few executions).
+INSERT_MESSAGE: Insert = T.insert()
+
+
+def insert_message(
+    message: Message, *, due_at: dt.datetime | None = None
+) -> tuple[Insert, dict[str, object]]:
+    """The INSERT of ``message`` as a pending outbox row, and its parameters.
+    ``due_at`` holds the row back until then (a guard row, see the RocketMQ adapter)."""
     row = message_row(message, utcnow())
     if due_at is not None:
         row["next_attempt_at"] = due_at
-    return T.insert().values(row)
+    return INSERT_MESSAGE, row
 
 
 def add_message(
@@ -79,7 +94,7 @@ def add_message(
 ) -> None:
     """Execute :func:`insert_message`; a reused id is a DuplicateMessageError."""
     try:
-        session.execute(insert_message(message, due_at=due_at))
+        session.execute(*insert_message(message, due_at=due_at))
     except IntegrityError:
         raise duplicate_id(message) from None
 
@@ -99,56 +114,85 @@ class ClaimedRow:
 
 
 def to_message(row: object) -> Message:
-    """Rebuild the :class:`Message` an outbox row holds."""
+    """Rebuild the :class:`Message` an outbox row holds (checked when it was written)."""
     r = row._mapping  # type: ignore[attr-defined]
-    return Message(
+    return Message.stored(
         id=r["message_id"], topic=r["topic"], payload=bytes(r["payload"]), key=r["key"],
         tag=r["tag"], headers=decode_headers(r["headers"]),
     )
 
 
+def _in_list(column: Any, name: str, postgres: bool) -> ColumnElement[bool]:
+    # PostgreSQL: ``= ANY(array)``, one statement text for any list length, so the
+    # driver prepares it once; elsewhere an expanding IN.
+    if postgres:
+        clause: ColumnElement[bool] = column == any_(
+            bindparam(name, type_=postgresql.ARRAY(column.type)))
+        return clause
+    clause = column.in_(bindparam(name, expanding=True))
+    return clause
+
+
+@functools.cache
+def _claim_statements(dialect: str, skip_locked: bool) -> tuple[Select[Any], Select[Any]]:
+    """The claim's two queries, built once per database kind: SQLAlchemy compiles them
+    once and the driver may prepare them. Bound: ``now``, ``batch`` and ``keys``/``top``."""
+    now = bindparam("now", type_=T.c.next_attempt_at.type)
+    # Leave out rows queued behind a same-key row that is dead, or due later than
+    # they are (backing off, or replayed): that row comes later in due order or not
+    # at all, so they would fill the batch, all be held back below, and starve every
+    # other key. The first row left in due order can then always go. One probe of
+    # the (key, status, seq) index per candidate row.
+    waiting = T.alias("waiting")
+    parked = exists().where(
+        waiting.c.key == T.c.key, waiting.c.status.in_((PENDING, DEAD)),
+        waiting.c.seq < T.c.seq,
+        or_(waiting.c.status == DEAD, waiting.c.next_attempt_at > T.c.next_attempt_at),
+    )
+    due = (
+        select(T.c.seq, T.c.message_id, T.c.topic, T.c.key, T.c.tag, T.c.headers,
+               T.c.payload, T.c.attempts)
+        .where(T.c.status == PENDING, T.c.next_attempt_at <= now, ~parked)
+        .order_by(T.c.next_attempt_at, T.c.seq)
+        .limit(bindparam("batch", type_=Integer()))
+    )
+    if skip_locked:
+        due = due.with_for_update(skip_locked=True)
+    earlier = select(T.c.seq, T.c.key).where(
+        T.c.status.in_((PENDING, DEAD)), _in_list(T.c.key, "keys", dialect == "postgresql"),
+        T.c.seq < bindparam("top", type_=BigInteger()),
+    )
+    return due, earlier
+
+
 def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRow]:
-    """Lock up to ``batch_size`` due rows that may be published now, oldest first.
+    """Lock up to ``batch_size`` due rows that may be published now, in seq order.
 
     Rows another relay holds are skipped (``FOR UPDATE SKIP LOCKED``; on SQLite the
     claim takes the single write lock). A row is held back while an earlier row
     with the same key is still pending and not part of this claim, or dead (its key
     is parked until the dead row is replayed or discarded), so messages with one
     key leave in commit order even with several relays running.
+
+    Due rows are read in due-time order from the (status, next_attempt_at, seq)
+    index: rows backing off sort after every due row, so however many of them wait
+    at the head of the queue (after a broker outage), a claim reads only rows it
+    can take, and costs the same at any backlog.
     """
     lock_for_writing(conn, T)
-    # Leave out rows queued behind a same-key row that is backing off or dead:
-    # otherwise they fill the whole batch, are all held back below, and starve every
-    # other key. One probe of the (key, status, seq) index per candidate row.
-    waiting = T.alias("waiting")
-    parked = exists().where(
-        waiting.c.key == T.c.key, waiting.c.status.in_((PENDING, DEAD)),
-        waiting.c.seq < T.c.seq,
-        or_(waiting.c.status == DEAD, waiting.c.next_attempt_at > now),
-    )
-    query = (
-        select(T.c.seq, T.c.message_id, T.c.topic, T.c.key, T.c.tag, T.c.headers,
-               T.c.payload, T.c.attempts)
-        .where(T.c.status == PENDING, T.c.next_attempt_at <= now, ~parked)
-        .order_by(T.c.seq)
-        .limit(batch_size)
-    )
-    if supports_skip_locked(conn):
-        query = query.with_for_update(skip_locked=True)
-    rows = conn.execute(query).all()
+    due, earlier_rows = _claim_statements(dialect_name(conn), supports_skip_locked(conn))
+    rows = sorted(conn.execute(due, {"now": now, "batch": batch_size}).all(),
+                  key=lambda r: r.seq)
     if not rows:
         return []
     keys = {r.key for r in rows if r.key is not None}
     first_foreign: dict[str, int] = {}
     if keys:
         mine = {r.seq for r in rows}
-        # Pending rows seen here but not claimed are locked by another relay (or
-        # were added meanwhile); a row that died since the query above parks too.
-        earlier = conn.execute(
-            select(T.c.seq, T.c.key).where(
-                T.c.status.in_((PENDING, DEAD)), T.c.key.in_(keys), T.c.seq < rows[-1].seq
-            )
-        ).all()
+        # Pending rows seen here but not claimed are locked by another relay, were
+        # added meanwhile, or came due later than the batch's last (a replayed row);
+        # a row that died since the query above parks too.
+        earlier = conn.execute(earlier_rows, {"keys": list(keys), "top": rows[-1].seq}).all()
         for seq, key in earlier:
             if seq not in mine and seq < first_foreign.get(key, seq + 1):
                 first_foreign[key] = seq
@@ -164,12 +208,23 @@ def mark_sent(
 ) -> None:
     if not seqs:
         return
-    if delete_sent:
-        conn.execute(delete(T).where(T.c.seq.in_(seqs)))
-    else:
-        conn.execute(
-            update(T).where(T.c.seq.in_(seqs)).values(status=SENT, sent_at=now, last_error=None)
-        )
+    conn.execute(_mark_sent_statement(conn, delete_sent), {"seqs": list(seqs), "now": now})
+
+
+def _mark_sent_statements(postgres: bool) -> tuple[Executable, Executable]:
+    seqs = _in_list(T.c.seq, "seqs", postgres)
+    return (
+        update(T).where(seqs).values(status=SENT, sent_at=bindparam("now"), last_error=None),
+        delete(T).where(seqs),
+    )
+
+
+#: By "is PostgreSQL": mark as sent, and delete.
+_MARK_SENT = {postgres: _mark_sent_statements(postgres) for postgres in (False, True)}
+
+
+def _mark_sent_statement(conn: Connection, delete_sent: bool) -> Executable:
+    return _MARK_SENT[dialect_name(conn) == "postgresql"][delete_sent]
 
 
 def settle_guard(conn: Connection, message_id: str, now: dt.datetime) -> bool:
@@ -343,7 +398,8 @@ def purge(conn: Connection, *, sent_before: dt.datetime, batch_size: int) -> int
     """Delete one bounded batch of rows that were sent before ``sent_before``."""
     seqs = conn.scalars(
         select(T.c.seq).where(T.c.status == SENT, T.c.sent_at < sent_before)
-        .order_by(T.c.seq).limit(batch_size)
+        # The index's order (oldest first, roughly): no sort of every sent row.
+        .order_by(T.c.next_attempt_at, T.c.seq).limit(batch_size)
     ).all()
     if seqs:
         conn.execute(delete(T).where(T.c.seq.in_(seqs)))

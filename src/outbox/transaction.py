@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Executable, Select, select
+from sqlalchemy import Select, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,7 +16,13 @@ from .errors import MisuseError, TransactionOutcomeUnknown, TransactionRolledBac
 from .log import get_logger
 from .message import Message, TransactionState
 from .schema import transaction_log, utcnow
-from .scope import database_identity, outcome_unknown, run_owned, write_lock_statement
+from .scope import (
+    Record,
+    database_identity,
+    outcome_unknown,
+    run_owned,
+    write_lock_statement,
+)
 from .storage import duplicate_id, insert_message
 
 log = get_logger("outbox")
@@ -179,6 +185,10 @@ def message_created_at(message: Message) -> dt.datetime | None:
         return None
 
 
+#: The transaction-log row's INSERT, built once.
+INSERT_LOG_ROW = transaction_log.insert()
+
+
 class TransactionLogTicket:
     """The transaction-log row of a half message in the local transaction.
 
@@ -189,20 +199,20 @@ class TransactionLogTicket:
     Subclasses (broker adapters) add what follows the commit.
     """
 
-    __slots__ = ("listener", "message", "statements")
+    __slots__ = ("listener", "message", "records")
 
     def __init__(self, listener: SqlAlchemyTransactionListener, message: Message,
                  guard_until: dt.datetime | None = None) -> None:
         self.listener = listener
         self.message = message
-        log_row = transaction_log.insert().values(
-            transaction_id=message.id, message_id=message.id, topic=message.topic,
-            created_at=listener.clock(),
-        )
+        log_row: Record = (INSERT_LOG_ROW, {
+            "transaction_id": message.id, "message_id": message.id, "topic": message.topic,
+            "created_at": listener.clock(),
+        })
         if guard_until is None:
-            self.statements: Sequence[Executable] = (log_row,)
+            self.records: Sequence[Record] = (log_row,)
         else:
-            self.statements = (log_row, insert_message(message, due_at=guard_until))
+            self.records = (log_row, insert_message(message, due_at=guard_until))
 
     def before_commit(self) -> None:
         self.listener.refuse_late_commit(self.message)

@@ -24,7 +24,7 @@ from outbox.transaction import CREATED_AT_HEADER, message_created_at
 class CapturingTicket:
     """Writes nothing (the session is bound to no database) and records the outcome."""
 
-    statements: tuple[Any, ...] = ()
+    records: tuple[Any, ...] = ()
 
     def __init__(self) -> None:
         self.outcome: str | None = None

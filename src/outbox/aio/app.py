@@ -25,7 +25,7 @@ from ..errors import ConfigurationError, MisuseError, TransactionOutcomeUnknown
 from ..message import Message
 from ..relay import RelayConfig
 from ..schema import outbox_messages
-from ..scope import Scope, Ticket, current_scope
+from ..scope import Record, Scope, Ticket, current_scope
 from ..sessions import guarded_class
 from ..transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT, SqlAlchemyTransactionListener
 from ..typing import AsyncPublisher
@@ -66,12 +66,12 @@ async def arun_owned(
     return result
 
 
-async def awrite_records(session: AsyncSession, statements: Sequence[Executable],
+async def awrite_records(session: AsyncSession, records: Sequence[Record],
                          ticket: Ticket) -> None:
     """:func:`outbox.scope.write_records`, awaited."""
     try:
-        for statement in statements:
-            await session.execute(statement)
+        for statement, params in records:
+            await session.execute(statement, params)
     except IntegrityError:
         raise ticket.duplicate() from None
 

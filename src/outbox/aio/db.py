@@ -10,7 +10,13 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
-from ..db import SQLITE_BUSY_TIMEOUT_SECONDS, _sqlite_on_connect, safe_url
+from ..db import (
+    DEFAULT_PING_AFTER_IDLE,
+    SQLITE_BUSY_TIMEOUT_SECONDS,
+    _sqlite_on_connect,
+    check_after_idle,
+    safe_url,
+)
 from ..errors import ConfigurationError
 
 #: The asyncio driver that stands in for each sync one (the URL's ``+driver`` part).
@@ -54,8 +60,11 @@ def async_url(url: str | URL) -> URL:
     return parsed.set(drivername=f"{backend}+{driver}")
 
 
-def create_async_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
-    """An :class:`AsyncEngine` set up as :func:`outbox.create_engine` sets up a sync one.
+def create_async_engine(
+    url: str | URL, *, ping_after_idle: float | None = DEFAULT_PING_AFTER_IDLE, **kwargs: Any
+) -> AsyncEngine:
+    """An :class:`AsyncEngine` set up as :func:`outbox.create_engine` sets up a sync one
+    (a pooled connection pinged only after ``ping_after_idle`` seconds unused).
 
     A sync URL is given its asyncio driver (see :func:`async_url`).
     """
@@ -69,6 +78,9 @@ def create_async_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
         hint = _DRIVER_HINTS.get(backend, "install the SQLAlchemy asyncio driver for it")
         raise ConfigurationError(
             f"no asyncio driver for {safe_url(parsed)}: {exc}; {hint}") from None
-    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+    if backend == "sqlite":
+        if parsed.database not in (None, "", ":memory:"):
+            event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+    elif not kwargs.get("pool_pre_ping"):
+        check_after_idle(engine.sync_engine, ping_after_idle)
     return engine
