@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-postgres demo-mariadb demo-rocketmq chaos test lint services services-down clean
+.PHONY: demo demo-postgres demo-mariadb demo-rocketmq chaos bench test lint services services-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ CHAOS_ARGS ?=
 chaos: $(STAMP) services
 	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) \
 	  PYTHONPATH=examples $(PY) -m bank_transfer.chaos $(CHAOS_ARGS)
+
+# The project's benchmark: one table, bench.json, and a last line starting BENCH.
+# Every figure is a ratio against a baseline measured in the same run. QUICK=1 is the
+# smoke run (under 2 minutes); more: make bench BENCH_ARGS="--db mariadb --only write"
+QUICK ?=
+BENCH_ARGS ?=
+bench: $(STAMP) services
+	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) \
+	  PYTHONPATH=scripts $(PY) -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 services:
 	scripts/services up

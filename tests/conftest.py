@@ -188,6 +188,24 @@ def rocketmq_endpoints() -> str:
     return endpoints
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis test server (``scripts/services up redis``), from OUTBOX_TEST_REDIS_URL."""
+    import socket
+
+    url = os.environ.get("OUTBOX_TEST_REDIS_URL")
+    if not url:
+        unavailable("OUTBOX_TEST_REDIS_URL is not set; run scripts/services up redis")
+    parsed = make_url(url)
+    try:
+        socket.create_connection((parsed.host or "127.0.0.1", parsed.port or 6379),
+                                 timeout=5).close()
+    except OSError as exc:
+        unavailable(f"Redis {parsed.host}:{parsed.port} is not reachable ({exc}); "
+                    "run scripts/services up redis")
+    return url
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Which database a test runs on: sqlite, postgres or mariadb."""

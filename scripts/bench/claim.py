@@ -18,6 +18,12 @@ from .common import Report, Timings, fresh_engine, ratio
 KEYS = 5000
 
 
+#: A payload of about 100 bytes, as hex for the INSERT ... SELECT.
+PAYLOAD = ('{"transfer_no":"T-000000000","from_account":"1","to_account":"2",'
+           '"amount":"100.00","currency":"EUR"}').encode()
+PAYLOAD_HEX = PAYLOAD.hex()
+
+
 def fill_sql(dialect: str, first: int, count: int, topic: str) -> str:
     """One INSERT ... SELECT of ``count`` pending rows (seq from ``first``): keys cycle
     over KEYS, one row in ten has no key."""
@@ -28,7 +34,8 @@ def fill_sql(dialect: str, first: int, count: int, topic: str) -> str:
         return (
             f"INSERT INTO outbox_messages ({cols}) SELECT 'm' || g, '{topic}', "
             + key.format(concat="'k' || MOD(g, %d)" % KEYS)
-            + ", NULL, '{}', '\\x7b7d'::bytea, 'pending', 0, now() - interval '1 hour', now() "
+            + f", NULL, '{{}}', '\\x{PAYLOAD_HEX}'::bytea, 'pending', 0, "
+            "now() - interval '1 hour', now() "
             f"FROM generate_series({first}, {first + count - 1}) AS g"
         )
     if dialect == "sqlite":
@@ -37,7 +44,7 @@ def fill_sql(dialect: str, first: int, count: int, topic: str) -> str:
             f"WHERE g < {first + count - 1}) "
             f"INSERT INTO outbox_messages ({cols}) SELECT 'm' || g, '{topic}', "
             + key.format(concat="'k' || (g % %d)" % KEYS).replace("MOD(g, 10)", "(g % 10)")
-            + ", NULL, '{}', X'7b7d', 'pending', 0, datetime('now', '-1 hour'), "
+            + f", NULL, '{{}}', X'{PAYLOAD_HEX}', 'pending', 0, datetime('now', '-1 hour'), "
             "datetime('now') FROM s"
         )
     # MariaDB's sequence engine
@@ -45,13 +52,15 @@ def fill_sql(dialect: str, first: int, count: int, topic: str) -> str:
         f"INSERT INTO outbox_messages ({cols}) SELECT CONCAT('m', seq), '{topic}', "
         + key.format(concat="CONCAT('k', MOD(seq, %d))" % KEYS).replace("MOD(g, 10)",
                                                                        "MOD(seq, 10)")
-        + ", NULL, '{}', X'7b7d', 'pending', 0, NOW(6) - INTERVAL 1 HOUR, NOW(6) "
+        + f", NULL, '{{}}', X'{PAYLOAD_HEX}', 'pending', 0, NOW(6) - INTERVAL 1 HOUR, NOW(6) "
         f"FROM seq_{first}_to_{first + count - 1}"
     )
 
 
-def fill(engine: Engine, total: int, report: Report, topic: str = "bench.claim") -> None:
-    """Fill the outbox with ``total`` pending rows, in chunks, showing progress."""
+def fill(engine: Engine, total: int, report: Report, topic: str = "bench.claim", *,
+         outage: bool = True) -> None:
+    """Fill the outbox with ``total`` pending rows, in chunks, showing progress; with
+    ``outage``, as a broker outage leaves them (see below)."""
     dialect = engine.dialect.name
     dialect = "mysql" if dialect == "mariadb" else dialect
     chunk = 100_000
@@ -65,7 +74,13 @@ def fill(engine: Engine, total: int, report: Report, topic: str = "bench.claim")
         done += n
         first += n
         if total > chunk:
-            report.progress(f"claim: {done:,}/{total:,} pending rows")
+            report.progress(f"fill: {done:,}/{total:,} pending rows")
+    if outage:
+        _outage(engine, total)
+    analyze(engine)
+
+
+def _outage(engine: Engine, total: int) -> None:
     head = max(100, total // 50)
     keyed = "key IS NULL OR key IN (" + ", ".join(f"'k{i}'" for i in range(50)) + ")"
     with engine.begin() as conn:
@@ -81,6 +96,11 @@ def fill(engine: Engine, total: int, report: Report, topic: str = "bench.claim")
             "UPDATE outbox_messages SET status = 'dead', attempts = 10 "
             "WHERE message_id IN (" + ", ".join(f"'m{i}'" for i in range(3, 400, 11)) + ")"
         ))
+
+
+def analyze(engine: Engine) -> None:
+    """Fresh planner statistics after a bulk fill, as autovacuum would give them."""
+    dialect = engine.dialect.name
     if dialect == "postgresql":
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import threading
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .app import explain_missing
 from .codec import JsonCodec
-from .db import insert_ignore, safe_url
+from .db import dialect_name, insert_ignore_for, safe_url
 from .errors import ConfigurationError, DecodeError, MissingTableError, MisuseError
 from .log import get_logger
 from .relay import delay_for, exponential_backoff
@@ -137,6 +138,13 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_REASON_LENGTH]
 
 
+@functools.cache
+def _inbox_insert(dialect: str) -> Executable:
+    # Without preserve_rowcount SQLAlchemy may report -1 for an INSERT (it does on
+    # psycopg), and every message would pass for a duplicate.
+    return insert_ignore_for(dialect, inbox).execution_options(preserve_rowcount=True)
+
+
 class ConsumerPolicy:
     """The consumer's decisions, with no I/O: the sync and asyncio consumers act on them."""
 
@@ -167,12 +175,11 @@ class ConsumerPolicy:
     def dead(self, reason: str) -> Decision:
         return Decision(Outcome.DEAD, reason[:MAX_REASON_LENGTH], event="consumer_dead_lettered")
 
-    def inbox_insert(self, dialect_bind: Any, message_id: str) -> Executable:
-        # Without preserve_rowcount SQLAlchemy may report -1 for an INSERT (it does on
-        # psycopg), and every message would pass for a duplicate.
-        return insert_ignore(dialect_bind, inbox).values(
-            consumer_group=self.group, message_id=message_id, processed_at=utcnow()
-        ).execution_options(preserve_rowcount=True)
+    def inbox_insert(self, dialect_bind: Any, message_id: str
+                     ) -> tuple[Executable, dict[str, Any]]:
+        """The inbox row's INSERT (built once per database kind) and its parameters."""
+        return _inbox_insert(dialect_name(dialect_bind)), {
+            "consumer_group": self.group, "message_id": message_id, "processed_at": utcnow()}
 
     @staticmethod
     def inserted(rowcount: int) -> bool:
@@ -318,7 +325,7 @@ class IdempotentConsumer(ConsumerBase):
 
         def work(session: Session) -> bool:
             conn = session.connection()
-            rowcount = conn.execute(self.policy.inbox_insert(conn, received.id)).rowcount
+            rowcount = conn.execute(*self.policy.inbox_insert(conn, received.id)).rowcount
             if not self.policy.inserted(rowcount):
                 return False
             self.handler(session, received)

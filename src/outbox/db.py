@@ -197,7 +197,11 @@ def supports_skip_locked(bind: Connection | Engine) -> bool:
 
 def insert_ignore(bind: Connection | Engine, table: Table) -> Insert:
     """An INSERT that silently skips a row whose primary key already exists."""
-    name = dialect_name(bind)
+    return insert_ignore_for(dialect_name(bind), table)
+
+
+def insert_ignore_for(name: str, table: Table) -> Insert:
+    """:func:`insert_ignore` for a database kind (``dialect_name``) rather than a bind."""
     if name == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     if name == "sqlite":
@@ -205,7 +209,7 @@ def insert_ignore(bind: Connection | Engine, table: Table) -> Insert:
     if name == "mysql":
         return mysql.insert(table).prefix_with("IGNORE")
     raise ConfigurationError(
-        f"database {bind.dialect.name!r} is not supported; use SQLite, PostgreSQL or MySQL/MariaDB"
+        f"database {name!r} is not supported; use SQLite, PostgreSQL or MySQL/MariaDB"
     )
 
 

@@ -314,6 +314,9 @@ class Relay(RelayCore):
             threading.Thread(target=self._listen, args=(stop,), name="outbox-relay-listen",
                              daemon=True).start()
         while not stop.is_set() and not self._stop.is_set():
+            # Cleared before the claim, not after the wait: a commit that nudges
+            # while a batch runs is claimed next, never left for the poll interval.
+            self.wakeup.clear()
             try:
                 result = self.run_once()
                 if self.purge_due():
@@ -325,7 +328,6 @@ class Relay(RelayCore):
             if self.more_waiting(result):
                 continue
             self.wakeup.wait(cfg.poll_interval)
-            self.wakeup.clear()
 
     def _listen(self, stop: threading.Event) -> None:
         """Set the wake-up event on every NOTIFY of a committed outbox insert."""

@@ -95,7 +95,7 @@ class AsyncIdempotentConsumer(ConsumerBase):
 
         async def work(session: AsyncSession) -> bool:
             conn = await session.connection()
-            result = await conn.execute(self.policy.inbox_insert(conn, received.id))
+            result = await conn.execute(*self.policy.inbox_insert(conn, received.id))
             if not self.policy.inserted(result.rowcount):
                 return False
             await self.handler(session, received)
