@@ -19,21 +19,26 @@ KEYS = 5000
 
 
 #: A payload of about 100 bytes, as hex for the INSERT ... SELECT.
-PAYLOAD = ('{"transfer_no":"T-000000000","from_account":"1","to_account":"2",'
-           '"amount":"100.00","currency":"EUR"}').encode()
+PAYLOAD = (b'{"transfer_no":"T-000000000","from_account":"1","to_account":"2",'
+           b'"amount":"100.00","currency":"EUR"}')
 PAYLOAD_HEX = PAYLOAD.hex()
+
+
+def quoted_key(dialect: str) -> str:
+    """The column ``key``: a reserved word in MySQL and MariaDB."""
+    return "`key`" if dialect == "mysql" else "key"
 
 
 def fill_sql(dialect: str, first: int, count: int, topic: str) -> str:
     """One INSERT ... SELECT of ``count`` pending rows (seq from ``first``): keys cycle
     over KEYS, one row in ten has no key."""
-    cols = ("message_id, topic, key, tag, headers, payload, status, attempts, "
-            "next_attempt_at, created_at")
+    cols = (f"message_id, topic, {quoted_key(dialect)}, tag, headers, payload, status, "
+            "attempts, next_attempt_at, created_at")
     key = "CASE WHEN MOD(g, 10) = 0 THEN NULL ELSE {concat} END"
     if dialect == "postgresql":
         return (
             f"INSERT INTO outbox_messages ({cols}) SELECT 'm' || g, '{topic}', "
-            + key.format(concat="'k' || MOD(g, %d)" % KEYS)
+            + key.format(concat=f"'k' || MOD(g, {KEYS})")
             + f", NULL, '{{}}', '\\x{PAYLOAD_HEX}'::bytea, 'pending', 0, "
             "now() - interval '1 hour', now() "
             f"FROM generate_series({first}, {first + count - 1}) AS g"
@@ -43,14 +48,14 @@ def fill_sql(dialect: str, first: int, count: int, topic: str) -> str:
             f"WITH RECURSIVE s(g) AS (SELECT {first} UNION ALL SELECT g + 1 FROM s "
             f"WHERE g < {first + count - 1}) "
             f"INSERT INTO outbox_messages ({cols}) SELECT 'm' || g, '{topic}', "
-            + key.format(concat="'k' || (g % %d)" % KEYS).replace("MOD(g, 10)", "(g % 10)")
+            + key.format(concat=f"'k' || (g % {KEYS})").replace("MOD(g, 10)", "(g % 10)")
             + f", NULL, '{{}}', X'{PAYLOAD_HEX}', 'pending', 0, datetime('now', '-1 hour'), "
             "datetime('now') FROM s"
         )
     # MariaDB's sequence engine
     return (
         f"INSERT INTO outbox_messages ({cols}) SELECT CONCAT('m', seq), '{topic}', "
-        + key.format(concat="CONCAT('k', MOD(seq, %d))" % KEYS).replace("MOD(g, 10)",
+        + key.format(concat=f"CONCAT('k', MOD(seq, {KEYS}))").replace("MOD(g, 10)",
                                                                        "MOD(seq, 10)")
         + f", NULL, '{{}}', X'{PAYLOAD_HEX}', 'pending', 0, NOW(6) - INTERVAL 1 HOUR, NOW(6) "
         f"FROM seq_{first}_to_{first + count - 1}"
@@ -76,13 +81,13 @@ def fill(engine: Engine, total: int, report: Report, topic: str = "bench.claim",
         if total > chunk:
             report.progress(f"fill: {done:,}/{total:,} pending rows")
     if outage:
-        _outage(engine, total)
+        _outage(engine, total, quoted_key(dialect))
     analyze(engine)
 
 
-def _outage(engine: Engine, total: int) -> None:
+def _outage(engine: Engine, total: int, key: str) -> None:
     head = max(100, total // 50)
-    keyed = "key IS NULL OR key IN (" + ", ".join(f"'k{i}'" for i in range(50)) + ")"
+    keyed = f"{key} IS NULL OR {key} IN (" + ", ".join(f"'k{i}'" for i in range(50)) + ")"
     with engine.begin() as conn:
         # After a broker outage: the oldest 2 % were tried and back off; of those, the
         # rows of 1 % of the keys (and those without a key) are still waiting, which

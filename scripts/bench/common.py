@@ -9,11 +9,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, create_engine as sa_create_engine, make_url, text
+from sqlalchemy import Engine, make_url, text
+from sqlalchemy import create_engine as sa_create_engine
 
 import outbox
 from outbox.db import safe_url
@@ -55,10 +56,8 @@ def drop_database(db: str, url: str) -> None:
     if db == "sqlite":
         path = make_url(url).database or ""
         for suffix in ("", "-wal", "-shm"):
-            try:
+            with suppress(FileNotFoundError):
                 os.remove(path + suffix)
-            except FileNotFoundError:
-                pass
         return
     parsed = make_url(url)
     name = parsed.database

@@ -27,7 +27,7 @@ def encode_headers(headers: Mapping[str, str]) -> str:
 def decode_headers(raw: str | bytes | None) -> dict[str, str]:
     """The headers of a stored or received message. Anything that is not a JSON
     object gives no headers: a hostile sender cannot make a delivery unreadable."""
-    if not raw:
+    if not raw or raw == "{}":
         return {}
     try:
         value = json.loads(raw)

@@ -25,9 +25,11 @@ from sqlalchemy import (
     Insert,
     Integer,
     Select,
+    Text,
     and_,
     any_,
     bindparam,
+    cast,
     delete,
     exists,
     func,
@@ -208,11 +210,16 @@ def mark_sent(
 ) -> None:
     if not seqs:
         return
-    conn.execute(_mark_sent_statement(conn, delete_sent), {"seqs": list(seqs), "now": now})
+    postgres = dialect_name(conn) == "postgresql"
+    bound: object = "{" + ",".join(map(str, seqs)) + "}" if postgres else list(seqs)
+    conn.execute(_MARK_SENT[postgres][delete_sent], {"seqs": bound, "now": now})
 
 
 def _mark_sent_statements(postgres: bool) -> tuple[Executable, Executable]:
-    seqs = _in_list(T.c.seq, "seqs", postgres)
+    # On PostgreSQL the seqs travel as one array literal, '{1,2,3}': built by one
+    # join instead of the driver adapting a list element by element.
+    seqs = (T.c.seq == any_(cast(bindparam("seqs", type_=Text()), postgresql.ARRAY(BigInteger)))
+            if postgres else T.c.seq.in_(bindparam("seqs", expanding=True)))
     return (
         update(T).where(seqs).values(status=SENT, sent_at=bindparam("now"), last_error=None),
         delete(T).where(seqs),
@@ -221,10 +228,6 @@ def _mark_sent_statements(postgres: bool) -> tuple[Executable, Executable]:
 
 #: By "is PostgreSQL": mark as sent, and delete.
 _MARK_SENT = {postgres: _mark_sent_statements(postgres) for postgres in (False, True)}
-
-
-def _mark_sent_statement(conn: Connection, delete_sent: bool) -> Executable:
-    return _MARK_SENT[dialect_name(conn) == "postgresql"][delete_sent]
 
 
 def settle_guard(conn: Connection, message_id: str, now: dt.datetime) -> bool:
