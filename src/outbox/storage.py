@@ -117,10 +117,10 @@ class ClaimedRow:
 
 def to_message(row: object) -> Message:
     """Rebuild the :class:`Message` an outbox row holds (checked when it was written)."""
-    r = row._mapping  # type: ignore[attr-defined]
+    r: Any = row
     return Message.stored(
-        id=r["message_id"], topic=r["topic"], payload=bytes(r["payload"]), key=r["key"],
-        tag=r["tag"], headers=decode_headers(r["headers"]),
+        id=r.message_id, topic=r.topic, payload=bytes(r.payload), key=r.key, tag=r.tag,
+        headers=decode_headers(r.headers),
     )
 
 
