@@ -2,9 +2,10 @@
 service applies every message exactly once.
 
 Start with :class:`Outbox` and :func:`transactional_message` on the producing
-side, :class:`Relay` to publish, and :class:`IdempotentConsumer` on the
-receiving side; their asyncio forms are :class:`AsyncOutbox`, :class:`AsyncRelay`
-and :class:`AsyncIdempotentConsumer` (see :mod:`outbox.aio`). :mod:`outbox.testing`
+side, :class:`Relay` to publish (:class:`RelayGroup` for many databases in one
+process), and :class:`IdempotentConsumer` on the receiving side; their asyncio
+forms are :class:`AsyncOutbox`, :class:`AsyncRelay` and
+:class:`AsyncIdempotentConsumer` (see :mod:`outbox.aio`). :mod:`outbox.testing`
 has an in-memory broker for unit tests.
 """
 
@@ -35,6 +36,7 @@ from .errors import (
 )
 from .message import Message, TransactionState
 from .relay import BatchResult, Relay, RelayConfig
+from .relay_group import RelayGroup
 from .schema import metadata
 from .scope import Ticket
 from .sql_transport import SqlTransport
@@ -72,6 +74,7 @@ __all__ = [
     "Reject",
     "Relay",
     "RelayConfig",
+    "RelayGroup",
     "SqlAlchemyTransactionListener",
     "SqlTransport",
     "Ticket",

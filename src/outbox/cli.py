@@ -1,4 +1,5 @@
-"""The ``outbox`` command: migrate, inspect, replay, discard, purge, and run a relay.
+"""The ``outbox`` command: migrate, inspect, replay, discard, purge, and run a relay
+(of one database, or of several databases in one process: ``relay --db A --db B``).
 
 Every mistake in the command line or the database URL ends with one line
 ``outbox: error: ...`` that says what to do, and exit status 2; a database error
@@ -31,6 +32,7 @@ from .db import create_engine, hide_secrets, safe_url
 from .errors import ConfigurationError, OutboxError
 from .log import clean, get_logger
 from .relay import Relay, RelayConfig
+from .relay_group import RelayGroup, refuse_duplicates
 from .schema import outbox_messages, utcnow
 from .sql_transport import SqlTransport
 from .typing import Publisher
@@ -49,6 +51,19 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+class _Once(argparse.Action):
+    """``--db`` of a command that works on one database: given twice is a mistake,
+    not "the last one wins"."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(
+                self, f"given more than once; {parser.prog} works on one database "
+                      "(only `outbox relay` takes several --db)")
+        setattr(namespace, self.dest, values)
 
 
 def _whole(minimum: int) -> Callable[[str], int]:
@@ -97,9 +112,16 @@ def _parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+    def cmd(name: str, help_: str, *, many: bool = False) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_, description=help_)
-        c.add_argument("--db", required=True, help="database URL, e.g. sqlite:///bank1.db")
+        if many:
+            c.add_argument("--db", dest="dbs", action="append", required=True, metavar="URL",
+                           help="database URL of an outbox, e.g. sqlite:///bank1.db; repeat it "
+                                "for several databases (tenants): one process serves them "
+                                "all, round-robin, one batch per database per turn")
+        else:
+            c.add_argument("--db", action=_Once, required=True, metavar="URL",
+                           help="database URL, e.g. sqlite:///bank1.db (exactly one)")
         c.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
                        help="what the library logs to stderr (default: info)")
         return c
@@ -121,8 +143,17 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("purge", "delete sent outbox rows and old inbox rows, in bounded batches")
     c.add_argument("--older-than-days", type=_days, required=True)
     c.add_argument("--batch-size", type=_whole(1), default=1000)
-    c = cmd("relay", "publish committed outbox rows to the embedded SQL transport or to "
-                     "RocketMQ")
+    c = cmd("relay", "publish committed outbox rows of one database, or of several "
+                     "(--db repeated), to the embedded SQL transport or to RocketMQ",
+            many=True)
+    c.epilog = (
+        "With several --db (e.g. one database per tenant), one process serves them all "
+        "fairly: round-robin, one batch per database per turn, so a large backlog in one "
+        "database never holds up the others, and an idle database is polled every "
+        "--poll-interval (on PostgreSQL also woken by NOTIFY). Every database must have the "
+        "outbox tables (outbox migrate --db URL). A database error is logged with that "
+        "database's URL and retried after --poll-interval while the others go on. Threads: "
+        "one for the batches, plus one LISTEN thread per PostgreSQL database.")
     to = c.add_mutually_exclusive_group(required=True)
     to.add_argument("--transport-db", help="database URL of the SQL transport")
     to.add_argument("--rocketmq-endpoints", metavar="HOST:PORT",
@@ -271,15 +302,22 @@ def _publisher(args: argparse.Namespace) -> tuple[Publisher, str]:
     return RocketMQPublisher(config, args.topics), f"rocketmq {args.rocketmq_endpoints}"
 
 
-def _run_relay(engine: Engine, args: argparse.Namespace) -> None:
-    publisher, where = _publisher(args)
-    relay = Relay(engine, publisher, RelayConfig(
-        batch_size=args.batch_size, poll_interval=args.poll_interval,
-        max_attempts=args.max_attempts,
-    ))
+def _relay_config(args: argparse.Namespace) -> RelayConfig:
+    return RelayConfig(batch_size=args.batch_size, poll_interval=args.poll_interval,
+                       max_attempts=args.max_attempts)
+
+
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _run_relay(engine: Engine, args: argparse.Namespace) -> None:
+    publisher, where = _publisher(args)
+    relay = Relay(engine, publisher, _relay_config(args))
+    stop = _stop_on_signals()
     log.info("relay_started", db=engine.url, transport=where)
     try:
         relay.run(stop)
@@ -287,7 +325,36 @@ def _run_relay(engine: Engine, args: argparse.Namespace) -> None:
         publisher.close()
 
 
+def _run_relay_group(args: argparse.Namespace) -> None:
+    """``outbox relay`` with several ``--db``: one :class:`RelayGroup` for them all.
+    Every database must exist and have the outbox tables before anything starts."""
+    engines: list[Engine] = []
+    try:
+        for url in args.dbs:
+            engines.append(open_engine(url, must_exist=True))  # connects to none yet
+        refuse_duplicates(e.url for e in engines)
+        for engine, url in zip(engines, args.dbs, strict=True):
+            args.db = url  # a database error names the database it happened on
+            _require_tables(engine)
+        args.db = None
+        publisher, where = _publisher(args)
+        try:
+            group = RelayGroup(engines, publisher, _relay_config(args))
+            stop = _stop_on_signals()
+            log.info("relay_started", dbs=", ".join(group.names), transport=where)
+            group.run(stop)
+        finally:
+            publisher.close()
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
 def _run(args: argparse.Namespace) -> None:
+    if args.command == "relay":
+        if len(args.dbs) > 1:
+            return _run_relay_group(args)
+        args.db = args.dbs[0]
     engine = open_engine(args.db, must_exist=args.command in NEEDS_EXISTING)
     try:
         if args.command == "migrate":
@@ -341,10 +408,12 @@ def _database_error(exc: SQLAlchemyError, args: argparse.Namespace) -> str:
     # the first line, with every secret of the URLs given scrubbed out.
     text = str(getattr(exc, "orig", None) or exc).splitlines()
     first = text[0][:300] if text else type(exc).__name__
-    for url in (args.db, getattr(args, "transport_db", None)):
+    dbs = getattr(args, "dbs", None) or []
+    for url in (args.db, *dbs, getattr(args, "transport_db", None)):
         if url:
             first = hide_secrets(first, url)
-    return f"database error ({type(exc).__name__}) on {safe_url(args.db)}: {clean(first)}"
+    where = args.db or getattr(args, "transport_db", None) or ""
+    return f"database error ({type(exc).__name__}) on {safe_url(where)}: {clean(first)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
