@@ -336,7 +336,8 @@ class Relay(RelayCore):
             try:
                 raw = self.engine.raw_connection()
             except Exception as exc:
-                log.warning("relay_listen_failed", db=safe_url(self.engine.url), error=_error_text(exc))
+                log.warning("relay_listen_failed", db=safe_url(self.engine.url),
+                            error=_error_text(exc))
                 stop.wait(1.0)
                 continue
             try:
@@ -349,7 +350,8 @@ class Relay(RelayCore):
                     for _ in conn.notifies(timeout=1.0, stop_after=1):
                         self.wakeup.set()
             except Exception as exc:  # a server restart: listen again
-                log.warning("relay_listen_failed", db=safe_url(self.engine.url), error=_error_text(exc))
+                log.warning("relay_listen_failed", db=safe_url(self.engine.url),
+                            error=_error_text(exc))
                 stop.wait(1.0)
             finally:
                 raw.invalidate()  # autocommit and LISTEN must not go back to the pool
