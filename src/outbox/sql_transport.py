@@ -6,6 +6,14 @@ keeps its own delivery state per message in ``outbox_transport_deliveries``
 message, unacknowledged deliveries come back after a visibility timeout, and
 nothing published is skipped, whatever order concurrent publishers commit in.
 
+A fetch costs the same with a thousand or a million messages kept: each group
+keeps a cursor per topic in ``outbox_transport_cursors`` (the highest seq it has
+scanned, and the seqs that were missing below it), so a fetch reads the new rows
+and looks again at those gaps only. A publisher that commits after a later
+message was already fetched is still delivered, up to ``late_commit_window``
+seconds (15 minutes by default) after the fetch that passed its seq; see
+:func:`outbox.sql_queue.claim`. A batch is one statement and one transaction.
+
 Each operation on the queue is one function below that takes a
 :class:`~sqlalchemy.Connection` with no transaction open and runs its statements in
 transactions of its own. :class:`SqlTransport` calls them directly;
@@ -27,12 +35,14 @@ from .message import Message
 
 # The tables and delivery states are named here too, where users look for them.
 from .sql_queue import DEAD as DEAD
+from .sql_queue import DEFAULT_LATE_COMMIT_WINDOW as DEFAULT_LATE_COMMIT_WINDOW
 from .sql_queue import DONE as DONE
 from .sql_queue import READY as READY
 from .sql_queue import (
     DeadLetter,
     PollWait,
     check_dialect,
+    check_late_commit_window,
     check_visibility_timeout,
     claim,
     count_states,
@@ -48,6 +58,7 @@ from .sql_queue import (
     purge_older,
     wrapped_errors,
 )
+from .sql_queue import cursors as cursors
 from .sql_queue import deliveries as deliveries
 from .sql_queue import messages as messages
 from .sql_queue import transport_metadata as transport_metadata
@@ -61,12 +72,19 @@ class SqlTransport:
     """The queue tables of one database; hands out publishers and subscribers.
 
     ``poll_interval`` is how often a waiting ``fetch`` looks for new messages.
+    ``late_commit_window`` is how long fetches go on looking for a message whose
+    seq they passed before its publisher committed (PostgreSQL and MariaDB number
+    a row at INSERT, and transactions commit in any order): longer than any
+    publish transaction may take between its INSERT and its COMMIT.
     """
 
-    def __init__(self, engine: Engine, *, poll_interval: float = 0.05) -> None:
+    def __init__(self, engine: Engine, *, poll_interval: float = 0.05,
+                 late_commit_window: float = DEFAULT_LATE_COMMIT_WINDOW) -> None:
         check_dialect(engine.dialect)
+        check_late_commit_window(late_commit_window)
         self.engine = engine
         self.poll_interval = poll_interval
+        self.late_commit_window = late_commit_window
 
     def _run(self, fn: Callable[Concatenate[Connection, P], R], /,
              *args: P.args, **kwargs: P.kwargs) -> R:
@@ -133,6 +151,8 @@ class SqlPublisher:
         self.publish_batch([message])
 
     def publish_batch(self, messages_: Sequence[Message]) -> None:
+        """Publish all of ``messages_`` in one transaction, or none of them: one
+        INSERT statement for the batch, then the commit."""
         self.transport._call(insert_messages, messages_)
 
     def close(self) -> None:
@@ -154,7 +174,8 @@ class SqlSubscriber:
         wait = PollWait(wait_seconds, self.transport.poll_interval)
         while True:
             found = self.transport._call(claim, self.topic, self.group, max_messages,
-                                         self.visibility_timeout)
+                                         self.visibility_timeout,
+                                         self.transport.late_commit_window)
             pause = wait.pause(found)
             if pause is None:
                 return found

@@ -60,13 +60,17 @@ class AsyncSqlTransport:
     objects. Make the engine with :func:`outbox.aio.create_async_engine`.
 
     ``poll_interval`` is how often a waiting ``fetch`` looks for new messages; it
-    sleeps with ``asyncio.sleep`` in between.
+    sleeps with ``asyncio.sleep`` in between. ``late_commit_window`` is as for
+    :class:`outbox.SqlTransport`.
     """
 
-    def __init__(self, engine: AsyncEngine, *, poll_interval: float = 0.05) -> None:
+    def __init__(self, engine: AsyncEngine, *, poll_interval: float = 0.05,
+                 late_commit_window: float = sql.DEFAULT_LATE_COMMIT_WINDOW) -> None:
         sql.check_dialect(engine.dialect)
+        sql.check_late_commit_window(late_commit_window)
         self.engine = engine
         self.poll_interval = poll_interval
+        self.late_commit_window = late_commit_window
 
     async def _run(self, fn: Callable[Concatenate[Connection, P], R], /,
                    *args: P.args, **kwargs: P.kwargs) -> R:
@@ -164,7 +168,8 @@ class AsyncSqlSubscriber:
         wait = PollWait(wait_seconds, self.transport.poll_interval)
         while True:
             found = await self.transport._call(sql.claim, self.topic, self.group,
-                                               max_messages, self.visibility_timeout)
+                                               max_messages, self.visibility_timeout,
+                                               self.transport.late_commit_window)
             pause = wait.pause(found)
             if pause is None:
                 return found
