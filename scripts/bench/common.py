@@ -13,7 +13,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import URL, Engine, make_url, text
 from sqlalchemy import create_engine as sa_create_engine
 
 import outbox
@@ -35,17 +35,25 @@ def database_url(db: str, name: str = "outbox_bench") -> str:
         folder = tempfile.mkdtemp(prefix="outbox-bench-")
         return f"sqlite:///{folder}/{name}.db"
     base = env_url("OUTBOX_TEST_POSTGRES_URL" if db == "postgres" else "OUTBOX_TEST_MARIADB_URL")
-    url = make_url(base)
-    admin = sa_create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        if db == "postgres":
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            conn.execute(text(f"CREATE DATABASE {name}"))
-        else:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-            conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    admin.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
+    return recreate_databases(make_url(base), [name])[0]
+
+
+def recreate_databases(server: URL, names: list[str]) -> list[str]:
+    """Drop and create ``names`` on ``server``'s PostgreSQL or MariaDB; their URLs."""
+    postgres = server.get_backend_name() == "postgresql"
+    admin = sa_create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for name in names:
+                if postgres:
+                    conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    conn.execute(text(f"CREATE DATABASE {name}"))
+                else:
+                    conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+                    conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    finally:
+        admin.dispose()
+    return [server.set(database=n).render_as_string(hide_password=False) for n in names]
 
 
 def fresh_engine(url: str, **kwargs: Any) -> Engine:

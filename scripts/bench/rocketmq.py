@@ -15,7 +15,8 @@ measured in the same run through the same client:
   sends, a key's messages in order) over ``publish`` one by one, raw and under the
   relay (which takes the batch path by default).
 
-Everything goes to the MIXED topic ``bank-transfer`` with a tag and message ids of
+Everything goes to the MIXED topic ``outbox-bench`` (its own, so that the demo's and
+the tests' consumer groups never read the bench's messages) with a tag and message ids of
 this run's own (``outbox-bench-<run>``: a consumer's tag filter then skips earlier
 runs on the broker); check-backs for other ids are answered "ask again",
 so a demo running at the same time is not harmed (but its producer may answer this
@@ -45,7 +46,7 @@ from outbox_rocketmq._client import MESSAGE_ID_PROPERTY, client_configuration, r
 
 from .common import Report, Timings, ratio
 
-TOPIC = "bank-transfer"
+TOPIC = "outbox-bench"
 TAG_PREFIX = "outbox-bench-"
 #: The test broker's check-back timing (scripts/rocketmq's broker.conf).
 CHECK_INTERVAL_S = 2.0

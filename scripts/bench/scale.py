@@ -31,15 +31,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, make_url, text
-from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy import Engine, make_url
 
 import outbox
 from outbox import Message, Relay, RelayConfig, RelayGroup, storage
 from outbox.schema import utcnow
 
 from . import claim
-from .common import Report, fresh_engine, ratio, shown_url
+from .common import (
+    Report,
+    drop_database,
+    fresh_engine,
+    ratio,
+    recreate_databases,
+    shown_url,
+)
 from .redis_publisher import RedisListPublisher, client
 from .relay import raw_rates
 
@@ -252,41 +258,17 @@ def tenant_urls(url: str, count: int) -> list[str]:
     if backend == "sqlite":
         folder = tempfile.mkdtemp(prefix="outbox-bench-scale-")
         return [f"sqlite:///{folder}/{TENANT_PREFIX}{i}.db" for i in range(count)]
-    names = [f"{TENANT_PREFIX}{i}" for i in range(count)]
-    admin = sa_create_engine(parsed, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            for name in names:
-                if backend == "postgresql":
-                    conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    conn.execute(text(f"CREATE DATABASE {name}"))
-                else:
-                    conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-                    conn.execute(text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-    finally:
-        admin.dispose()
-    return [parsed.set(database=n).render_as_string(hide_password=False) for n in names]
+    return recreate_databases(parsed, [f"{TENANT_PREFIX}{i}" for i in range(count)])
 
 
 def drop_tenants(url: str, urls: list[str]) -> None:
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        for u in urls:
-            path = Path(make_url(u).database or "")
-            for suffix in ("", "-wal", "-shm"):
-                path.with_name(path.name + suffix).unlink(missing_ok=True)
+    kind = {"sqlite": "sqlite", "postgresql": "postgres"}.get(
+        make_url(url).get_backend_name(), "mariadb")
+    for u in urls:
+        drop_database(kind, u)
+    if kind == "sqlite":
         with contextlib.suppress(OSError):
             Path(make_url(urls[0]).database or "").parent.rmdir()
-        return
-    admin = sa_create_engine(parsed, isolation_level="AUTOCOMMIT")
-    force = " WITH (FORCE)" if backend == "postgresql" else ""
-    try:
-        with admin.connect() as conn:
-            for u in urls:
-                conn.execute(text(f"DROP DATABASE IF EXISTS {make_url(u).database}{force}"))
-    finally:
-        admin.dispose()
 
 
 def scale_across(url: str, report: Report, *, tenants: int, big: int, small: int,
