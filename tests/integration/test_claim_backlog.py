@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections import Counter, defaultdict
 
 from sqlalchemy import Engine, insert, update
@@ -48,13 +49,31 @@ def fill(engine: Engine) -> list[Message]:
 
 
 def drain_with(engine: Engine, relays: list[Relay]) -> None:
-    """Run the relays in threads until none of them finds a due row."""
+    """Run the relays in threads until none of them can claim anything.
+
+    An empty claim alone does not mean that: rows queued behind a batch another relay
+    holds are held back until it commits. A relay stops only after an empty claim it
+    began while no other relay had a batch in hand.
+    """
     errors: list[BaseException] = []
+    lock = threading.Lock()
+    busy = [0]
 
     def work(relay: Relay) -> None:
         try:
-            while relay.run_once().claimed:
-                pass
+            while True:
+                with lock:
+                    alone = busy[0] == 0
+                    busy[0] += 1
+                try:
+                    claimed = relay.run_once().claimed
+                finally:
+                    with lock:
+                        busy[0] -= 1
+                if not claimed:
+                    if alone:
+                        return
+                    time.sleep(0.005)
         except BaseException as exc:
             errors.append(exc)
 
