@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import inspect
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import tenacity
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from . import storage
 from .db import safe_url
@@ -56,6 +58,11 @@ class RelayConfig:
     purge_interval: float = 60.0
     #: On PostgreSQL, wake up on the NOTIFY a committed outbox insert sends.
     listen: bool = True
+    #: While a full batch publishes, claim the next one on a second connection, so
+    #: the database and the broker work at once on a backlog (PostgreSQL and
+    #: MariaDB/MySQL; SQLite has one writer). Order is kept: the next claim holds
+    #: back every key the batch in flight still has pending.
+    claim_ahead: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -219,22 +226,88 @@ class Relay(RelayCore):
         self.wakeup = wakeup or threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: Future[_Claimed | None] | None = None
 
     # -- one batch -------------------------------------------------------------
 
     def run_once(self) -> BatchResult:
-        """Claim, publish and mark one batch in one database transaction."""
-        cfg = self.config
-        with self.engine.begin() as conn:
+        """Claim, publish and mark one batch in one database transaction. Within
+        :meth:`run` and :meth:`drain`, a full batch has the next one claimed while it
+        publishes (``RelayConfig.claim_ahead``), and the next call takes that one."""
+        claimed = self._take_ahead() or self._claim()
+        if claimed is None:
+            return BatchResult()
+        if self._pool is not None and len(claimed.rows) >= self.config.batch_size:
+            self._ahead = self._pool.submit(self._claim)
+        try:
+            return self._send(claimed)
+        except BaseException:
+            self._drop_ahead()
+            raise
+
+    def _claim(self) -> _Claimed | None:
+        """Open a transaction and lock a batch in it; None (and no transaction) if no
+        row may go now."""
+        conn = self.engine.connect()
+        try:
+            conn.begin()
             now = utcnow()
-            rows = storage.claim(conn, cfg.batch_size, now)
+            rows = storage.claim(conn, self.config.batch_size, now)
             if not rows:
-                return BatchResult()
-            plan = self.plan(rows, now)
+                conn.commit()
+                conn.close()
+                return None
+            return _Claimed(conn, rows, now)
+        except BaseException:
+            conn.close()  # rolls back
+            raise
+
+    def _send(self, claimed: _Claimed) -> BatchResult:
+        """Publish a claimed batch, mark it and commit."""
+        conn = claimed.conn
+        try:
+            plan = self.plan(claimed.rows, claimed.now)
             self._publish(plan)
-            storage.mark_sent(conn, plan.sent, utcnow(), delete_sent=cfg.delete_sent)
+            storage.mark_sent(conn, plan.sent, utcnow(), delete_sent=self.config.delete_sent)
             storage.mark_failed(conn, plan.failures)
+            conn.commit()
+        finally:
+            conn.close()  # after a failure: rolls back, the rows stay pending
         return plan.result()
+
+    def _take_ahead(self) -> _Claimed | None:
+        """The batch claimed while the last one published (its claim's error is
+        this batch's). It may have come back empty only because the last batch held
+        its keys: then the caller claims afresh, now that the last one committed."""
+        ahead, self._ahead = self._ahead, None
+        return ahead.result() if ahead is not None else None
+
+    def _drop_ahead(self) -> None:
+        """Roll back a batch claimed ahead: its rows stay pending, never published."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        try:
+            claimed = ahead.result()
+        except Exception:
+            return  # nothing claimed
+        if claimed is not None:
+            claimed.conn.close()
+
+    @contextlib.contextmanager
+    def _claiming_ahead(self) -> Iterator[None]:
+        """Within: a second connection claims the next batch while one publishes."""
+        if not self.config.claim_ahead or self.engine.dialect.name == "sqlite":
+            yield
+            return
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-claim")
+        try:
+            yield
+        finally:
+            self._drop_ahead()
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _publish(self, plan: BatchPlan) -> None:
         batch = plan.batch(self.publisher, BatchPublisher)
@@ -314,21 +387,22 @@ class Relay(RelayCore):
         if self.listens(self.engine.dialect.name):
             threading.Thread(target=self._listen, args=(stop,), name="outbox-relay-listen",
                              daemon=True).start()
-        while not stop.is_set() and not self._stop.is_set():
-            # Cleared before the claim, not after the wait: a commit that nudges
-            # while a batch runs is claimed next, never left for the poll interval.
-            self.wakeup.clear()
-            try:
-                result = self.run_once()
-                if self.purge_due():
-                    self.purge()
-            except Exception as exc:
-                log.error("relay_batch_failed", error=_error_text(exc))
-                result = BatchResult()
-                stop.wait(cfg.poll_interval)
-            if self.more_waiting(result):
-                continue
-            self.wakeup.wait(cfg.poll_interval)
+        with self._claiming_ahead():
+            while not stop.is_set() and not self._stop.is_set():
+                # Cleared before the claim, not after the wait: a commit that nudges
+                # while a batch runs is claimed next, never left for the poll interval.
+                self.wakeup.clear()
+                try:
+                    result = self.run_once()
+                    if self.purge_due():
+                        self.purge()
+                except Exception as exc:
+                    log.error("relay_batch_failed", error=_error_text(exc))
+                    result = BatchResult()
+                    stop.wait(cfg.poll_interval)
+                if self.more_waiting(result):
+                    continue
+                self.wakeup.wait(cfg.poll_interval)
 
     def _listen(self, stop: threading.Event) -> None:
         """Set the wake-up event on every NOTIFY of a committed outbox insert."""
@@ -376,12 +450,22 @@ class Relay(RelayCore):
         """Publish until no due row is left (or ``timeout``); returns rows published."""
         deadline = time.monotonic() + timeout
         total = 0
-        while time.monotonic() < deadline:
-            result = self.run_once()
-            total += result.published
-            if result.claimed == 0:
-                break
+        with self._claiming_ahead():
+            while time.monotonic() < deadline:
+                result = self.run_once()
+                total += result.published
+                if result.claimed == 0:
+                    break
         return total
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    """A batch locked in its own open transaction on ``conn``."""
+
+    conn: Connection
+    rows: list[storage.ClaimedRow]
+    now: dt.datetime
 
 
 __all__ = [

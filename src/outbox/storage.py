@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    CompoundSelect,
     Connection,
     Executable,
     Insert,
@@ -33,9 +34,9 @@ from sqlalchemy import (
     delete,
     exists,
     func,
-    or_,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -136,34 +137,39 @@ def _in_list(column: Any, name: str, postgres: bool) -> ColumnElement[bool]:
 
 
 @functools.cache
-def _claim_statements(dialect: str, skip_locked: bool) -> tuple[Select[Any], Select[Any]]:
+def _claim_statements(dialect: str, skip_locked: bool) -> tuple[Select[Any], CompoundSelect[Any]]:
     """The claim's two queries, built once per database kind: SQLAlchemy compiles them
     once and the driver may prepare them. Bound: ``now``, ``batch`` and ``keys``/``top``."""
     now = bindparam("now", type_=T.c.next_attempt_at.type)
     # Leave out rows queued behind a same-key row that is dead, or due later than
     # they are (backing off, or replayed): that row comes later in due order or not
     # at all, so they would fill the batch, all be held back below, and starve every
-    # other key. The first row left in due order can then always go. One probe of
-    # the (key, status, seq) index per candidate row.
+    # other key. The first row left in due order can then always go. Two probes per
+    # candidate row, each an exact range of the (key, status, seq) index, so their
+    # cost does not grow with the key's sent history.
     waiting = T.alias("waiting")
-    parked = exists().where(
-        waiting.c.key == T.c.key, waiting.c.status.in_((PENDING, DEAD)),
-        waiting.c.seq < T.c.seq,
-        or_(waiting.c.status == DEAD, waiting.c.next_attempt_at > T.c.next_attempt_at),
+    same_key_before = and_(waiting.c.key == T.c.key, waiting.c.seq < T.c.seq)
+    dead_before = exists().where(same_key_before, waiting.c.status == DEAD)
+    due_later_before = exists().where(
+        same_key_before, waiting.c.status == PENDING,
+        waiting.c.next_attempt_at > T.c.next_attempt_at,
     )
     due = (
         select(T.c.seq, T.c.message_id, T.c.topic, T.c.key, T.c.tag, T.c.headers,
                T.c.payload, T.c.attempts)
-        .where(T.c.status == PENDING, T.c.next_attempt_at <= now, ~parked)
+        .where(T.c.status == PENDING, T.c.next_attempt_at <= now, ~dead_before,
+               ~due_later_before)
         .order_by(T.c.next_attempt_at, T.c.seq)
         .limit(bindparam("batch", type_=Integer()))
     )
     if skip_locked:
         due = due.with_for_update(skip_locked=True)
-    earlier = select(T.c.seq, T.c.key).where(
-        T.c.status.in_((PENDING, DEAD)), _in_list(T.c.key, "keys", dialect == "postgresql"),
-        T.c.seq < bindparam("top", type_=BigInteger()),
-    )
+    keys = _in_list(T.c.key, "keys", dialect == "postgresql")
+    top = bindparam("top", type_=BigInteger())
+    earlier = union_all(*(
+        select(T.c.seq, T.c.key).where(T.c.status == status, keys, T.c.seq < top)
+        for status in (PENDING, DEAD)
+    ))
     return due, earlier
 
 

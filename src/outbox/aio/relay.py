@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import inspect
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import storage
 from ..errors import ConfigurationError
@@ -59,23 +61,85 @@ class AsyncRelay(RelayCore):
         self.wakeup = wakeup or asyncio.Event()
         self._stopping = False
         self._background = Background("relay")
+        self._ahead_on = False
+        self._ahead: asyncio.Task[_Claimed | None] | None = None
 
     # -- one batch -------------------------------------------------------------
 
     async def run_once(self) -> BatchResult:
-        """Claim, publish and mark one batch in one database transaction."""
-        cfg = self.config
-        async with self.engine.begin() as conn:
+        """Claim, publish and mark one batch in one database transaction. Within
+        :meth:`run` and :meth:`drain`, a full batch has the next one claimed while it
+        publishes (``RelayConfig.claim_ahead``), and the next call takes that one."""
+        claimed = await self._take_ahead() or await self._claim()
+        if claimed is None:
+            return BatchResult()
+        if self._ahead_on and len(claimed.rows) >= self.config.batch_size:
+            self._ahead = asyncio.get_running_loop().create_task(self._claim())
+        try:
+            return await self._send(claimed)
+        except BaseException:
+            await self._drop_ahead()
+            raise
+
+    async def _claim(self) -> _Claimed | None:
+        """Open a transaction and lock a batch in it; None (and no transaction) if no
+        row may go now."""
+        conn = await self.engine.connect()
+        try:
+            await conn.begin()
             now = utcnow()
-            rows = await conn.run_sync(storage.claim, cfg.batch_size, now)
+            rows = await conn.run_sync(storage.claim, self.config.batch_size, now)
             if not rows:
-                return BatchResult()
-            plan = self.plan(rows, now)
+                await conn.commit()
+                await conn.close()
+                return None
+            return _Claimed(conn, rows, now)
+        except BaseException:
+            await conn.close()  # rolls back
+            raise
+
+    async def _send(self, claimed: _Claimed) -> BatchResult:
+        """Publish a claimed batch, mark it and commit; a cancellation rolls it back."""
+        conn = claimed.conn
+        try:
+            plan = self.plan(claimed.rows, claimed.now)
             await self._publish(plan)
             await conn.run_sync(storage.mark_sent, plan.sent, utcnow(),
-                                delete_sent=cfg.delete_sent)
+                                delete_sent=self.config.delete_sent)
             await conn.run_sync(storage.mark_failed, plan.failures)
+            await conn.commit()
+        finally:
+            await conn.close()
         return plan.result()
+
+    async def _take_ahead(self) -> _Claimed | None:
+        """The batch claimed while the last one published (see the sync relay)."""
+        ahead, self._ahead = self._ahead, None
+        return await ahead if ahead is not None else None
+
+    async def _drop_ahead(self) -> None:
+        """Roll back a batch claimed ahead: its rows stay pending, never published."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        try:
+            claimed = await asyncio.shield(ahead)
+        except asyncio.CancelledError:
+            claimed = await ahead  # the relay itself is being cancelled: still clean up
+        except Exception:
+            return  # nothing claimed
+        if claimed is not None:
+            await claimed.conn.close()
+
+    @contextlib.asynccontextmanager
+    async def _claiming_ahead(self) -> AsyncIterator[None]:
+        """Within: the next batch is claimed on a second connection while one publishes."""
+        self._ahead_on = self.config.claim_ahead and self.engine.dialect.name != "sqlite"
+        try:
+            yield
+        finally:
+            self._ahead_on = False
+            await self._drop_ahead()
 
     async def _publish(self, plan: BatchPlan) -> None:
         batch = plan.batch(self.publisher, AsyncBatchPublisher)
@@ -149,28 +213,32 @@ class AsyncRelay(RelayCore):
     async def run(self) -> None:
         """Publish until :meth:`stop`. Database errors are logged and retried after the
         poll interval, so a restart of the database server does not end the relay."""
-        cfg = self.config
         self._stopping = False
         listener = (asyncio.get_running_loop().create_task(self._listen())
                     if self.listens(self.engine.dialect.name) else None)
         try:
-            while not self._stopping:
-                try:
-                    result = await self.run_once()
-                    if self.purge_due():
-                        await self.purge()
-                except Exception as exc:
-                    log.error("relay_batch_failed", error=_error_text(exc))
-                    result = BatchResult()
-                    await self._wait(cfg.poll_interval)
-                if self._stopping or self.more_waiting(result):
-                    continue
-                await self._wait(cfg.poll_interval)
+            async with self._claiming_ahead():
+                await self._run_batches()
         finally:
             if listener is not None:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await listener
+
+    async def _run_batches(self) -> None:
+        cfg = self.config
+        while not self._stopping:
+            try:
+                result = await self.run_once()
+                if self.purge_due():
+                    await self.purge()
+            except Exception as exc:
+                log.error("relay_batch_failed", error=_error_text(exc))
+                result = BatchResult()
+                await self._wait(cfg.poll_interval)
+            if self._stopping or self.more_waiting(result):
+                continue
+            await self._wait(cfg.poll_interval)
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -227,9 +295,19 @@ class AsyncRelay(RelayCore):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         total = 0
-        while loop.time() < deadline:
-            result = await self.run_once()
-            total += result.published
-            if result.claimed == 0:
-                break
+        async with self._claiming_ahead():
+            while loop.time() < deadline:
+                result = await self.run_once()
+                total += result.published
+                if result.claimed == 0:
+                    break
         return total
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    """A batch locked in its own open transaction on ``conn``."""
+
+    conn: AsyncConnection
+    rows: list[storage.ClaimedRow]
+    now: dt.datetime
