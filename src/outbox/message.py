@@ -105,9 +105,12 @@ class Message:
         messages that passed the checks when written: built without checking again
         (the relay rebuilds every row it publishes)."""
         message = object.__new__(cls)
-        for name, value in (("id", id), ("topic", topic), ("payload", payload), ("key", key),
-                            ("tag", tag), ("headers", MappingProxyType(dict(headers)))):
-            object.__setattr__(message, name, value)
+        _set_id(message, id)
+        _set_topic(message, topic)
+        _set_payload(message, payload)
+        _set_key(message, key)
+        _set_tag(message, tag)
+        _set_headers(message, MappingProxyType(dict(headers)) if headers else _NO_HEADERS)
         return message
 
     def __hash__(self) -> int:
@@ -117,3 +120,11 @@ class Message:
     def log_fields(self) -> dict[str, Any]:
         """The fields every log event about this message carries."""
         return {"message_id": self.id, "topic": self.topic, "key": self.key}
+
+
+# The slots' own setters: what ``Message.stored`` fills a frozen message with.
+_set_id, _set_topic, _set_payload, _set_key, _set_tag, _set_headers = (
+    Message.__dict__[name].__set__ for name in ("id", "topic", "payload", "key", "tag", "headers")
+)
+#: Read-only, so one is shared by every message without headers.
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
