@@ -195,6 +195,22 @@ def supports_skip_locked(bind: Connection | Engine) -> bool:
     return False
 
 
+#: For a connection about to claim rows (``FOR UPDATE SKIP LOCKED``): the execution
+#: options to set before its transaction begins (:func:`claiming_options`).
+_CLAIMING = {"mysql": {"isolation_level": "READ COMMITTED"}}
+
+
+def claiming_options(bind: Connection | Engine) -> dict[str, str]:
+    """Execution options for a transaction that claims rows others may claim at once.
+
+    InnoDB's default REPEATABLE READ puts next-key locks on the ranges a claim scans,
+    and concurrent claims deadlock on each other's ranges; row locks are all a claim
+    needs (rows another claim holds are skipped), so on MariaDB/MySQL it runs at READ
+    COMMITTED. The connection gets its usual level back when it returns to the pool.
+    """
+    return _CLAIMING.get(dialect_name(bind), {})
+
+
 def insert_ignore(bind: Connection | Engine, table: Table) -> Insert:
     """An INSERT that silently skips a row whose primary key already exists."""
     return insert_ignore_for(dialect_name(bind), table)

@@ -16,7 +16,7 @@ import tenacity
 from sqlalchemy import Connection, Engine
 
 from . import storage
-from .db import safe_url
+from .db import claiming_options, safe_url
 from .errors import ConfigurationError
 from .log import get_logger
 from .message import Message
@@ -251,6 +251,7 @@ class Relay(RelayCore):
         row may go now."""
         conn = self.engine.connect()
         try:
+            conn.execution_options(**claiming_options(conn))
             conn.begin()
             now = utcnow()
             rows = storage.claim(conn, self.config.batch_size, now)

@@ -51,7 +51,14 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
-from .db import dialect_name, insert_ignore, lock_for_writing, safe_url, supports_skip_locked
+from .db import (
+    claiming_options,
+    dialect_name,
+    insert_ignore,
+    lock_for_writing,
+    safe_url,
+    supports_skip_locked,
+)
 from .envelope import decode_headers, encode_headers
 from .errors import BrokerUnavailableError, ConfigurationError, PublishError
 from .message import Message
@@ -613,12 +620,7 @@ def claim(conn: Connection, topic: str, group: str, max_messages: int,
     """
     now = utcnow()
     st = _statements(conn)
-    if not st.joined:
-        # InnoDB's default REPEATABLE READ puts next-key locks on the ranges a claim
-        # scans, and concurrent claims deadlock on each other's ranges. Row locks are
-        # all a claim needs (rows another claim holds are skipped). The connection gets
-        # its usual level back when it returns to the pool.
-        conn.execution_options(isolation_level="READ COMMITTED")
+    conn.execution_options(**claiming_options(conn))
     want = max(1, max_messages)
     key = {"the_group": group, "the_topic": topic}
     with conn.begin():

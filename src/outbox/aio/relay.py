@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .. import storage
+from ..db import claiming_options
 from ..errors import ConfigurationError
 from ..log import get_logger
 from ..relay import BatchPlan, BatchResult, RelayConfig, RelayCore, _error_text, refuse_same_file
@@ -86,6 +87,7 @@ class AsyncRelay(RelayCore):
         row may go now."""
         conn = await self.engine.connect()
         try:
+            await conn.execution_options(**claiming_options(self.engine.sync_engine))
             await conn.begin()
             now = utcnow()
             rows = await conn.run_sync(storage.claim, self.config.batch_size, now)
