@@ -384,10 +384,22 @@ class Relay(RelayCore):
         logged and retried after the poll interval, so a restart of the database
         server does not end the relay."""
         stop = stop or self._stop
-        cfg = self.config
+        listener, ended = None, threading.Event()
         if self.listens(self.engine.dialect.name):
-            threading.Thread(target=self._listen, args=(stop,), name="outbox-relay-listen",
-                             daemon=True).start()
+            listener = threading.Thread(target=self._listen, args=(ended,),
+                                        name="outbox-relay-listen", daemon=True)
+            listener.start()
+        try:
+            self._run_batches(stop)
+        finally:
+            # The listener sees this within a quarter second and closes its
+            # connection: nothing of the relay outlives run().
+            ended.set()
+            if listener is not None:
+                listener.join(2.0)
+
+    def _run_batches(self, stop: threading.Event) -> None:
+        cfg = self.config
         with self._claiming_ahead():
             while not stop.is_set() and not self._stop.is_set():
                 # Cleared before the claim, not after the wait: a commit that nudges
@@ -405,15 +417,15 @@ class Relay(RelayCore):
                     continue
                 self.wakeup.wait(cfg.poll_interval)
 
-    def _listen(self, stop: threading.Event) -> None:
+    def _listen(self, ended: threading.Event) -> None:
         """Set the wake-up event on every NOTIFY of a committed outbox insert."""
-        while not stop.is_set() and not self._stop.is_set():
+        while not ended.is_set() and not self._stop.is_set():
             try:
                 raw = self.engine.raw_connection()
             except Exception as exc:
                 log.warning("relay_listen_failed", db=safe_url(self.engine.url),
                             error=_error_text(exc))
-                stop.wait(1.0)
+                ended.wait(1.0)
                 continue
             try:
                 conn: Any = raw.driver_connection
@@ -421,13 +433,15 @@ class Relay(RelayCore):
                     return  # not psycopg 3: polling alone it is
                 conn.autocommit = True
                 conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                while not stop.is_set() and not self._stop.is_set():
-                    for _ in conn.notifies(timeout=1.0, stop_after=1):
+                while not ended.is_set() and not self._stop.is_set():
+                    for _ in conn.notifies(timeout=0.25, stop_after=1):
                         self.wakeup.set()
             except Exception as exc:  # a server restart: listen again
+                if ended.is_set() or self._stop.is_set():
+                    return
                 log.warning("relay_listen_failed", db=safe_url(self.engine.url),
                             error=_error_text(exc))
-                stop.wait(1.0)
+                ended.wait(1.0)
             finally:
                 raw.invalidate()  # autocommit and LISTEN must not go back to the pool
 

@@ -4,12 +4,14 @@ replaced before the transaction starts."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from sqlalchemy import URL, text
 
 import outbox
+import outbox.testing
 
 pytestmark = pytest.mark.postgres
 
@@ -64,3 +66,30 @@ def test_a_connection_dropped_while_idle_is_replaced_before_the_transaction(
 def test_ping_after_idle_must_not_be_negative(postgres_url: URL) -> None:
     with pytest.raises(outbox.ConfigurationError, match="ping_after_idle"):
         outbox.create_engine(postgres_url, ping_after_idle=-1)
+
+
+def listening_sessions(engine: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query LIKE 'LISTEN %'")).scalar_one())
+
+
+def test_a_stopped_relay_leaves_no_listening_connection(postgres_url: URL) -> None:
+    engine = outbox.create_engine(postgres_url)
+    outbox.metadata.create_all(engine)
+    relay = outbox.Relay(engine, outbox.testing.InMemoryBroker(),
+                         outbox.RelayConfig(poll_interval=0.05))
+    try:
+        before = listening_sessions(engine)
+        relay.start()
+        deadline = time.monotonic() + 10
+        while listening_sessions(engine) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert listening_sessions(engine) == before + 1
+        relay.stop()
+        # stop() returns once the listener closed its connection, not a second later.
+        assert listening_sessions(engine) == before
+    finally:
+        relay.stop()
+        engine.dispose()
