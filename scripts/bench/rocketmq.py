@@ -42,7 +42,8 @@ import outbox
 from outbox import Message, Relay, RelayConfig
 from outbox.message import TransactionState
 from outbox_rocketmq import RocketMQConfig, RocketMQPublisher, RocketMQTransactionalProducer
-from outbox_rocketmq._client import MESSAGE_ID_PROPERTY, client_configuration, rocketmq, to_rocketmq
+from outbox_rocketmq._client import client_configuration, rocketmq, to_rocketmq
+from outbox_rocketmq.mapping import MESSAGE_ID_PROPERTY
 
 from .common import Report, Timings, ratio
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import re
+import secrets
 import sys
 import uuid
 from typing import Any
 
-from .errors import DecodeError, MessageError
+from .errors import ConfigurationError, DecodeError, MessageError
 
 #: Payloads above this size are refused when encoding and dead-lettered when decoding.
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -36,19 +38,33 @@ class JsonCodec:
 
     Decoding parses JSON floats as :class:`decimal.Decimal`, so amounts never pass
     through binary floating point.
+
+    ``decimals="number"`` writes a Decimal as a JSON number with exactly its digits
+    (``Decimal("100.50")`` as ``100.50``) for receivers that expect numbers, such as
+    a Java service mapping the field to ``BigDecimal`` or ``double``; the default,
+    ``"string"``, writes ``"100.50"``, which every JSON parser keeps exact.
     """
 
     content_type = "application/json"
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, *,
+                 decimals: str = "string") -> None:
+        if decimals not in ("string", "number"):
+            raise ConfigurationError(
+                f"JsonCodec(decimals={decimals!r}): use \"string\" (the default) or \"number\"")
         self.max_bytes = max_bytes
+        self.decimals = decimals
 
     def encode(self, value: Any) -> bytes:
         try:
-            data = json.dumps(
-                value, default=_default, ensure_ascii=False, separators=(",", ":"),
-                allow_nan=False,
-            ).encode("utf-8")
+            if self.decimals == "number":
+                text = _dumps_decimal_numbers(value)
+            else:
+                text = json.dumps(
+                    value, default=_default, ensure_ascii=False, separators=(",", ":"),
+                    allow_nan=False,
+                )
+            data = text.encode("utf-8")
         except RecursionError:
             raise MessageError(
                 "payload is nested too deeply to encode as JSON (Python's recursion limit, "
@@ -84,6 +100,24 @@ class JsonCodec:
             ) from None
         except ValueError as exc:
             raise DecodeError(f"payload is not valid JSON: {exc}") from exc
+
+
+def _dumps_decimal_numbers(value: Any) -> str:
+    """JSON text with every Decimal as a number of exactly its digits. The json
+    module cannot write a number it did not make, so each Decimal first becomes a
+    string with a marker no payload can contain (a fresh random one per call), then
+    the quoted markers are replaced by the digits."""
+    marker = "\x00" + secrets.token_hex(8) + ":"
+
+    def default(item: Any) -> Any:
+        if isinstance(item, decimal.Decimal):
+            return marker + _default(item)
+        return _default(item)
+
+    text = json.dumps(value, default=default, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False)
+    quoted = json.dumps(marker)[:-1]  # '"\u0000<hex>:'
+    return re.sub(re.escape(quoted) + r'([-+0-9.Ee]+)"', r"\1", text)
 
 
 def _reject_constant(name: str) -> Any:

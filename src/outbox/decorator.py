@@ -76,7 +76,7 @@ def build_message(
 ) -> Message:
     """The message for ``body``, stamped with its creation time (for check-backs)."""
     check_user_headers(headers)
-    msg_headers = {**(headers or {}), CREATED_AT_HEADER: utcnow().isoformat()}
+    msg_headers = {**(headers or {}), CREATED_AT_HEADER: utcnow().isoformat() + "Z"}
     key_text = as_text("key", key)
     if message_id is RANDOM_ID:
         return Message(topic=topic, payload=codec.encode(body), key=key_text, tag=tag,

@@ -15,7 +15,8 @@ from .errors import MessageError
 
 #: Header names the framework keeps for itself.
 INTERNAL_PREFIX = "outbox-"
-#: The naive-UTC ISO time a message was built (before its transaction ran).
+#: The UTC ISO time a message was built (before its transaction ran), e.g.
+#: "2026-12-01T09:30:00.123456Z" (earlier versions wrote it without the "Z").
 CREATED_AT_HEADER = "outbox-created-at"
 
 

@@ -180,9 +180,12 @@ def message_created_at(message: Message) -> dt.datetime | None:
     if raw is None:
         return None
     try:
-        return dt.datetime.fromisoformat(raw)
+        created = dt.datetime.fromisoformat(raw)
     except ValueError:
         return None
+    if created.tzinfo is not None:  # "...Z" since this version; naive UTC before
+        created = created.astimezone(dt.UTC).replace(tzinfo=None)
+    return created
 
 
 #: The transaction-log row's INSERT, built once.

@@ -7,6 +7,7 @@ Install with ``pip install "outbox[rocketmq]"``; it uses the official gRPC clien
 """
 
 from .config import RocketMQConfig
+from .mapping import MessageIdFrom
 from .producer import RocketMQTransactionalProducer
 from .publisher import AsyncRocketMQPublisher, RocketMQPublisher
 from .subscriber import AsyncRocketMQSubscriber, RocketMQSubscriber
@@ -14,6 +15,7 @@ from .subscriber import AsyncRocketMQSubscriber, RocketMQSubscriber
 __all__ = [
     "AsyncRocketMQPublisher",
     "AsyncRocketMQSubscriber",
+    "MessageIdFrom",
     "RocketMQConfig",
     "RocketMQPublisher",
     "RocketMQSubscriber",

@@ -12,7 +12,6 @@ import math
 import socket
 from typing import Any
 
-from outbox.envelope import decode_headers, encode_headers
 from outbox.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -24,11 +23,8 @@ from outbox.message import Message
 from outbox.transport import Delivery
 
 from .config import RocketMQConfig
-
-#: The user property carrying the outbox message id (RocketMQ assigns its own id).
-MESSAGE_ID_PROPERTY = "OUTBOX_MESSAGE_ID"
-#: The user property carrying the headers as JSON (RocketMQ refuses blank values).
-HEADERS_PROPERTY = "OUTBOX_HEADERS"
+from .mapping import MessageIdFrom, Received, ordered_keys, properties_of, to_message
+from .mapping import to_delivery as mapped_delivery
 
 
 @functools.cache
@@ -89,34 +85,28 @@ def to_rocketmq(message: Message) -> Any:
         out.tag = message.tag
     if message.key:
         out.keys = message.key
-    out.add_property(HEADERS_PROPERTY, encode_headers(message.headers))
-    out.add_property(MESSAGE_ID_PROPERTY, message.id)
+    for name, value in properties_of(message).items():
+        out.add_property(name, value)
     return out
 
 
+def received(message: Any) -> Received:
+    """What the mapping reads of a message the 5.x client received."""
+    return Received(
+        topic=message.topic, body=bytes(message.body or b""),
+        keys=ordered_keys(message.keys), properties=dict(message.properties or {}),
+        rocketmq_id=message.message_id or None,
+    )
 
-def from_rocketmq(received: Any) -> Message:
+
+def from_rocketmq(message: Any) -> Message:
     """The outbox message inside a received (or checked-back) RocketMQ message."""
-    properties = dict(received.properties or {})
-    keys = list(received.keys or ())
-    return Message(
-        id=properties.get(MESSAGE_ID_PROPERTY) or "",
-        topic=received.topic, payload=bytes(received.body or b""),
-        key=keys[0] if keys else None, tag=received.tag or None,
-        headers=decode_headers(properties.get(HEADERS_PROPERTY)),
-    )
+    return to_message(received(message), message.tag)
 
 
-def to_delivery(received: Any) -> Delivery:
-    properties = dict(received.properties or {})
-    keys = list(received.keys or ())
-    return Delivery(
-        topic=received.topic, payload=bytes(received.body or b""),
-        message_id=properties.get(MESSAGE_ID_PROPERTY),
-        attempt=int(received.delivery_attempt or 1),
-        key=keys[0] if keys else None, tag=received.tag or None,
-        headers=decode_headers(properties.get(HEADERS_PROPERTY)), handle=received,
-    )
+def to_delivery(message: Any, id_from: MessageIdFrom) -> Delivery:
+    return mapped_delivery(received(message), message.tag,
+                           int(message.delivery_attempt or 1), message, id_from)
 
 
 def proxy_listens(config: RocketMQConfig) -> bool:

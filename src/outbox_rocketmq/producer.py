@@ -22,15 +22,9 @@ from outbox.scope import Ticket
 from outbox.storage import settle_guard
 
 from ._aio import DEFAULT_WORKERS, BlockingCalls, FollowUps
-from ._client import (
-    client_configuration,
-    from_rocketmq,
-    rocketmq,
-    shutdown_quietly,
-    to_rocketmq,
-    wrap_error,
-)
 from .config import RocketMQConfig
+from .halfsend import HalfSender, half_sender
+from .mapping import Received, to_message
 from .tickets import AsyncHalfMessageTicket, HalfMessageTicket
 
 log = get_logger("outbox.rocketmq")
@@ -93,7 +87,7 @@ class RocketMQTransactionalProducer:
         #: The tables a send writes (named when one is missing).
         self.tables = (transaction_log,) if guard_after is None and not fallback_to_outbox \
             else (transaction_log, outbox_messages)
-        self._producer: Any = None
+        self._producer: HalfSender | None = None
         self._lock = threading.Lock()
         self._calls = BlockingCalls("outbox-rocketmq-producer", workers)
         self._follow_ups = FollowUps()
@@ -154,24 +148,25 @@ class RocketMQTransactionalProducer:
                         **message.log_fields())
             return TransactionState.UNKNOWN
 
-    def _on_check(self, received: Any) -> Any:
-        resolution = rocketmq().TransactionResolution
+    def _answer(self, received: Received, tag: str | None) -> TransactionState:
+        """A check-back's answer, for either client: UNKNOWN means "ask again"."""
         try:
-            message = from_rocketmq(received)
+            message = to_message(received, tag)
         except MessageError as exc:
-            # Not one of ours (no outbox id): nothing local can ever commit it.
-            log.error("check_back_foreign_message", topic=received.topic, error=str(exc))
-            return resolution.ROLLBACK
+            # Not one of ours (no outbox id): another producer of the topic's group
+            # (a Java service, say) wrote it, and only it can tell. The broker asks
+            # again, and sooner or later asks that producer: never roll back a
+            # transaction we know nothing about.
+            log.warning("check_back_foreign_message", topic=received.topic, error=str(exc),
+                        rocketmq_id=received.rocketmq_id,
+                        answer="unknown: left to its producer")
+            return TransactionState.UNKNOWN
         try:
-            state = self.check(message)
+            return self.check(message)
         except Exception as exc:  # the database may be down: ask again later
             log.error("check_back_failed", error=f"{type(exc).__name__}: {exc}",
                       **message.log_fields())
-            return resolution.TRANSACTION_RESOLUTION_UNSPECIFIED
-        return {
-            TransactionState.COMMIT: resolution.COMMIT,
-            TransactionState.ROLLBACK: resolution.ROLLBACK,
-        }.get(state, resolution.TRANSACTION_RESOLUTION_UNSPECIFIED)
+            return TransactionState.UNKNOWN
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -191,31 +186,21 @@ class RocketMQTransactionalProducer:
         await self._calls.run(self._started)
         return self
 
-    def _started(self) -> Any:
+    def _started(self) -> HalfSender:
         with self._lock:
             if self._producer is not None:
                 return self._producer
-            rmq = rocketmq()
-            adapter = self
-
-            class Checker(rmq.TransactionChecker):  # type: ignore[name-defined,misc]
-                def check(self, message: Any) -> Any:
-                    return adapter._on_check(message)
-
-            producer = rmq.Producer(client_configuration(self.config), self.topics, Checker())
-            try:
-                producer.startup()
-            except Exception as exc:
-                raise wrap_error(exc, self.config, "starting the RocketMQ producer") from None
+            producer = half_sender(self.config, self.topics, self._answer)
             self._producer = producer
-            log.info("rocketmq_producer_started", endpoints=self.config.endpoints,
+            log.info("rocketmq_producer_started", at=self.config.where,
                      topics=list(self.topics))
             return producer
 
     def _shutdown_client(self) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
-        shutdown_quietly(producer)
+        if producer is not None:
+            producer.shutdown()
 
     def close(self) -> None:
         """Let queued end-transaction calls finish, then disconnect."""
@@ -270,17 +255,10 @@ class RocketMQTransactionalProducer:
                                       loop)
 
     def _send_half(self, message: Message) -> Any:
-        """Send the half message (blocking); returns the client's transaction."""
-        try:
-            producer = self._started()
-            transaction = producer.begin_transaction()
-            producer.send(to_rocketmq(message), transaction)
-        except OutboxError:
-            raise
-        except Exception as exc:
-            raise wrap_error(exc, self.config, f"sending half message {message.id}") from None
+        """Send the half message (blocking); returns the client's handle of it."""
+        handle = self._started().send_half(message)
         log.debug("rocketmq_half_message_sent", **message.log_fields())
-        return transaction
+        return handle
 
     def _falls_back(self, error: OutboxError, message: Message) -> bool:
         """Whether a failed half send becomes a local outbox row instead."""
@@ -309,10 +287,7 @@ class RocketMQTransactionalProducer:
         """Commit or roll back the half message; True when the broker took a commit."""
         fields = message.log_fields()
         try:
-            if state is TransactionState.COMMIT:
-                transaction.commit()
-            else:
-                transaction.rollback()
+            self._started().end(transaction, state is TransactionState.COMMIT)
         except Exception as exc:
             # The local outcome is durable; the broker's check-back will match it.
             log.warning("rocketmq_end_transaction_failed", state=state.value,

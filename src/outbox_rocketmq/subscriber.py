@@ -21,6 +21,7 @@ from outbox.transport import Delivery
 from ._aio import BlockingCalls
 from ._client import client_configuration, rocketmq, shutdown_quietly, to_delivery, wrap_error
 from .config import RocketMQConfig
+from .mapping import MESSAGE_ID_PROPERTY, MessageIdFrom, ordered_keys
 
 log = get_logger("outbox.rocketmq")
 
@@ -30,6 +31,8 @@ MIN_INVISIBLE_SECONDS = 10
 #: "the proxy forgot this client" (it restarted).
 SETTINGS_GRACE_SECONDS = 10.0
 DEAD_REASON_PROPERTY = "OUTBOX_DEAD_REASON"
+#: RocketMQ's own id of the message a dead-letter copy was made of.
+ORIGINAL_ID_PROPERTY = "OUTBOX_ORIGINAL_ID"
 #: How long a fetch waits when the proxy has not got a young client's settings yet.
 NOT_YET_SECONDS = 0.2
 
@@ -56,6 +59,7 @@ class RocketMQSubscriber:
         *,
         dead_letter_topic: str,
         invisible_seconds: int = 30,
+        message_id_from: MessageIdFrom | None = None,
     ) -> None:
         if invisible_seconds < MIN_INVISIBLE_SECONDS:
             raise ConfigurationError(
@@ -68,6 +72,7 @@ class RocketMQSubscriber:
         self.group = group
         self.dead_letter_topic = dead_letter_topic
         self.invisible_seconds = invisible_seconds
+        self.message_id_from = message_id_from or MessageIdFrom()
         self._consumer: Any = None
         self._consumer_started = 0.0
         self._dead_producer: Any = None
@@ -135,13 +140,24 @@ class RocketMQSubscriber:
                     message_id=delivery.message_id, topic=self.topic)
 
     def _dead_copy(self, delivery: Delivery, reason: str) -> Any:
-        """The copy of ``delivery`` that goes to the dead-letter topic."""
+        """The copy of ``delivery`` that goes to the dead-letter topic: the body, tag,
+        keys and properties of the original, its de-duplication id as the outbox
+        message id, RocketMQ's id of the original, and why."""
+        original = delivery.handle
         copy = rocketmq().Message()
         copy.topic = self.dead_letter_topic
         copy.body = delivery.payload or b"-"
-        for name, value in dict(delivery.handle.properties or {}).items():
+        if original.tag:
+            copy.tag = original.tag
+        for key in ordered_keys(original.keys):
+            copy.keys = key  # the client's setter adds one key at a time
+        for name, value in dict(original.properties or {}).items():
             if value and value.strip():
                 copy.add_property(name, value)
+        if delivery.message_id:
+            copy.add_property(MESSAGE_ID_PROPERTY, delivery.message_id)
+        if original.message_id:
+            copy.add_property(ORIGINAL_ID_PROPERTY, str(original.message_id))
         copy.add_property(DEAD_REASON_PROPERTY, reason.strip() or "no reason given")
         copy.add_property("OUTBOX_DEAD_GROUP", self.group)
         copy.add_property("OUTBOX_ORIGINAL_TOPIC", self.topic)
@@ -177,7 +193,7 @@ class RocketMQSubscriber:
                 time.sleep(min(wait_seconds, NOT_YET_SECONDS))
                 return []
             raise error from None
-        return [to_delivery(m) for m in received or ()]
+        return [to_delivery(m, self.message_id_from) for m in received or ()]
 
     def ack(self, delivery: Delivery) -> None:
         try:
@@ -224,10 +240,12 @@ class AsyncRocketMQSubscriber:
         *,
         dead_letter_topic: str,
         invisible_seconds: int = 30,
+        message_id_from: MessageIdFrom | None = None,
         workers: int = 2,
     ) -> None:
         self._sync = RocketMQSubscriber(config, topic, group, dead_letter_topic=dead_letter_topic,
-                                        invisible_seconds=invisible_seconds)
+                                        invisible_seconds=invisible_seconds,
+                                        message_id_from=message_id_from)
         self._calls = BlockingCalls("outbox-rocketmq-subscriber", workers)
 
     @property
@@ -251,7 +269,7 @@ class AsyncRocketMQSubscriber:
                 await asyncio.sleep(min(wait_seconds, NOT_YET_SECONDS))
                 return []
             raise error from None
-        return [to_delivery(m) for m in received or ()]
+        return [to_delivery(m, sync.message_id_from) for m in received or ()]
 
     async def ack(self, delivery: Delivery) -> None:
         await self._calls.run(self._sync.ack, delivery)

@@ -32,7 +32,8 @@ from outbox.aio import create_async_engine
 from outbox.schema import outbox_messages
 from outbox.typing import AsyncBatchPublisher, BatchPublisher
 from outbox_rocketmq import AsyncRocketMQPublisher, RocketMQConfig, RocketMQPublisher
-from outbox_rocketmq._client import MESSAGE_ID_PROPERTY, client_configuration, rocketmq
+from outbox_rocketmq._client import client_configuration, rocketmq
+from outbox_rocketmq.mapping import MESSAGE_ID_PROPERTY
 
 from .helpers import capture_events
 from .rocketmq_support import MIXED_TOPIC, TX_TOPIC_A, group_name, unique

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from outbox import DecodeError, JsonCodec, MessageError
+from outbox import ConfigurationError, DecodeError, JsonCodec, MessageError
 
 codec = JsonCodec()
 
@@ -142,3 +142,30 @@ def test_a_valid_but_deeply_nested_payload_is_a_decode_error(data: bytes) -> Non
     deep = JsonCodec(max_bytes=len(data))
     with pytest.raises(DecodeError, match="nested too deeply to decode"):
         deep.decode(data)
+
+
+def test_decimals_as_numbers_keep_their_digits() -> None:
+    codec = JsonCodec(decimals="number")
+    value = {"amount": decimal.Decimal("100.50"), "tiny": decimal.Decimal("-1E-7"),
+             "note": "100.50", "list": [decimal.Decimal("3")]}
+    data = codec.encode(value)
+    assert data == b'{"amount":100.50,"tiny":-1E-7,"note":"100.50","list":[3]}'
+    assert codec.decode(data) == value | {"list": [3]}
+    assert JsonCodec().encode(value).startswith(b'{"amount":"100.50"')
+
+
+def test_decimals_as_numbers_leave_lookalike_strings_alone() -> None:
+    # A string that looks like the marker of another call stays a string.
+    tricky = '\x00' + "0" * 16 + ":1"
+    data = JsonCodec(decimals="number").encode({"s": tricky, "d": decimal.Decimal("2.5")})
+    assert json.loads(data) == {"s": tricky, "d": 2.5}
+
+
+def test_decimals_as_numbers_refuse_non_finite_values() -> None:
+    with pytest.raises(MessageError, match="non-finite"):
+        JsonCodec(decimals="number").encode({"x": decimal.Decimal("NaN")})
+
+
+def test_an_unknown_decimals_choice_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="string"):
+        JsonCodec(decimals="float")

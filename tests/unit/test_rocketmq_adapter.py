@@ -5,6 +5,7 @@ conversion, error wrapping, check-back routing, and the asyncio form of the prod
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,14 @@ from outbox.aio import create_async_engine
 from outbox.app import LocalTicket
 from outbox.errors import BrokerUnavailableError, PublishError
 from outbox.schema import utcnow
-from outbox_rocketmq import RocketMQConfig, RocketMQTransactionalProducer, _client
+from outbox_rocketmq import (
+    MessageIdFrom,
+    RocketMQConfig,
+    RocketMQSubscriber,
+    RocketMQTransactionalProducer,
+    _client,
+    mapping,
+)
 
 rocketmq = pytest.importorskip("rocketmq")
 SECRET = "s3cr3t-key-value"
@@ -41,25 +49,134 @@ def test_the_secret_key_is_not_in_the_config_repr() -> None:
     assert "ak" in repr(config)
 
 
+def fake_received(out: Any, *, keys: Any = None, attempt: int = 1,
+                  message_id: str | None = "01ROCKETMQID") -> SimpleNamespace:
+    """A message as the 5.x client hands a received one over."""
+    return SimpleNamespace(
+        topic=out.topic, body=out.body, properties=dict(out.properties),
+        keys=set(out.keys) if keys is None else keys, tag=out.tag,
+        delivery_attempt=attempt, message_id=message_id)
+
+
 def test_message_round_trip_keeps_id_key_tag_headers() -> None:
     message = Message(topic="t", payload=b"\x00\xffbody", id="m-1", key="k", tag="tg",
-                      headers={"a": "1", "empty": ""})
+                      headers={"a": "1", "empty": "", "KEYS": "not RocketMQ's",
+                               "outbox-created-at": "2026-12-01T09:30:00.123456Z",
+                               "with space": "x", "OUTBOX_MINE": "y", "sep": "a\x01b"})
     rmq = _client.to_rocketmq(message)
     assert rmq.topic == "t" and rmq.body == b"\x00\xffbody"
     back = _client.from_rocketmq(rmq)
     assert back == message
-    delivery = _client.to_delivery(SimpleNamespace(
-        topic="t", body=rmq.body, properties=rmq.properties, keys=rmq.keys, tag=rmq.tag,
-        delivery_attempt=3))
+    delivery = _client.to_delivery(fake_received(rmq, attempt=3), MessageIdFrom())
     assert delivery.to_message() == message
     assert delivery.attempt == 3
 
 
+def test_headers_travel_as_native_properties_a_java_service_can_read() -> None:
+    message = Message(topic="t", payload=b"{}", id="m-1",
+                      headers={"traceId": "abc", "outbox-created-at": "2026-12-01T09:30:00Z",
+                               "KEYS": "clash", "blank": " "})
+    properties = dict(_client.to_rocketmq(message).properties)
+    assert properties["traceId"] == "abc"
+    assert properties[mapping.MESSAGE_ID_PROPERTY] == "m-1"
+    assert properties["OUTBOX_CREATED_AT"] == "2026-12-01T09:30:00Z"
+    # What RocketMQ cannot carry under its own name goes packed, and comes back.
+    assert "KEYS" not in properties and "blank" not in properties
+    assert json.loads(properties[mapping.HEADERS_PROPERTY]) == {"KEYS": "clash", "blank": " "}
+    assert "outbox-created-at" not in properties and "traceId" not in json.loads(
+        properties[mapping.HEADERS_PROPERTY])
+
+
+def test_a_java_message_reaches_the_handler_with_its_properties_and_a_fixed_key() -> None:
+    java = rocketmq.Message()
+    java.topic, java.body = "bank-transfer", b'{"txNo":"T-1","amount":100.5}'
+    java.add_property("traceId", "t-9")
+    for _ in range(20):  # the client keeps keys in a set: no order to rely on
+        received = fake_received(java, keys={"T-1", "acct-7", "A-0"})
+        delivery = _client.to_delivery(received, MessageIdFrom.json_field("txNo"))
+        assert delivery.key == "A-0"
+        assert delivery.headers[mapping.KEYS_HEADER] == "A-0 T-1 acct-7"
+    assert delivery.message_id == "T-1"
+    assert delivery.headers["traceId"] == "t-9"
+    message = delivery.to_message()
+    assert (message.id, message.key, message.headers["traceId"]) == ("T-1", "A-0", "t-9")
+
+
+def test_earlier_messages_with_every_header_packed_still_decode() -> None:
+    old = rocketmq.Message()
+    old.topic, old.body = "t", b"{}"
+    old.add_property(mapping.MESSAGE_ID_PROPERTY, "m-0")
+    old.add_property(mapping.HEADERS_PROPERTY,
+                     '{"a":"1","outbox-created-at":"2026-11-30T10:00:00"}')
+    message = _client.from_rocketmq(fake_received(old))
+    assert message.headers == {"a": "1", "outbox-created-at": "2026-11-30T10:00:00"}
+
+
+@pytest.mark.parametrize(
+    ("id_from", "expected"),
+    [
+        (MessageIdFrom(), None),
+        (MessageIdFrom.property("bizId"), "B-1"),
+        (MessageIdFrom.property("nope", "bizId"), "B-1"),
+        (MessageIdFrom.keys(), "K-1"),
+        (MessageIdFrom.json_field("txNo"), "T-7"),
+        (MessageIdFrom.json_field("transfer", "seq"), "42"),
+        (MessageIdFrom.json_field("missing"), None),
+        (MessageIdFrom.rocketmq_id(), "01ROCKETMQID"),
+        (MessageIdFrom.outbox_then(MessageIdFrom.json_field("txNo")), "T-7"),
+    ],
+)
+def test_the_deduplication_id_comes_from_where_the_user_says(
+    id_from: MessageIdFrom, expected: str | None,
+) -> None:
+    foreign = rocketmq.Message()
+    foreign.topic, foreign.body = "t", b'{"txNo":"T-7","transfer":{"seq":42}}'
+    foreign.add_property("bizId", "B-1")
+    delivery = _client.to_delivery(fake_received(foreign, keys={"K-1"}), id_from)
+    assert delivery.message_id == expected
+
+
+def test_our_id_wins_over_the_fallbacks_when_the_message_has_it() -> None:
+    ours = _client.to_rocketmq(Message(topic="t", payload=b'{"txNo":"T-7"}', id="m-5"))
+    id_from = MessageIdFrom.outbox_then(MessageIdFrom.json_field("txNo"))
+    assert _client.to_delivery(fake_received(ours), id_from).message_id == "m-5"
+
+
+def test_id_sources_refuse_empty_names() -> None:
+    with pytest.raises(ConfigurationError, match="property names"):
+        MessageIdFrom.property()
+    with pytest.raises(ConfigurationError, match="field name"):
+        MessageIdFrom.json_field("")
+
+
 def test_a_received_message_without_outbox_id_is_not_a_message() -> None:
     received = SimpleNamespace(topic="t", body=b"{}", properties={}, keys=set(), tag=None,
-                               delivery_attempt=1)
+                               delivery_attempt=1, message_id="01X")
     with pytest.raises(outbox.DecodeError, match="no message id"):
-        _client.to_delivery(received).to_message()
+        _client.to_delivery(received, MessageIdFrom()).to_message()
+
+
+def test_the_dead_letter_copy_keeps_keys_tag_ids_and_properties() -> None:
+    java = rocketmq.Message()
+    java.topic, java.body, java.tag = "bank-transfer", b'{"txNo":"T-3"}', "debit"
+    java.add_property("traceId", "t-1")
+    received = fake_received(java, keys={"T-3", "acct-1"}, message_id="01ORIGINAL")
+    subscriber = RocketMQSubscriber(RocketMQConfig(), "bank-transfer", "g",
+                                    dead_letter_topic="bank-transfer-dlq",
+                                    message_id_from=MessageIdFrom.json_field("txNo"))
+    delivery = _client.to_delivery(received, subscriber.message_id_from)
+    copy = subscriber._dead_copy(delivery, "handler gave up")
+    properties = dict(copy.properties)
+    assert copy.topic == "bank-transfer-dlq" and copy.tag == "debit"
+    assert set(copy.keys) == {"T-3", "acct-1"}
+    assert properties["traceId"] == "t-1"
+    assert properties[mapping.MESSAGE_ID_PROPERTY] == "T-3"
+    assert properties["OUTBOX_ORIGINAL_ID"] == "01ORIGINAL"
+    assert properties["OUTBOX_DEAD_REASON"] == "handler gave up"
+    # A consumer of the dead-letter topic reads the reason as a header.
+    back = _client.to_delivery(fake_received(copy), MessageIdFrom())
+    assert back.message_id == "T-3"
+    assert back.headers["outbox-dead-reason"] == "handler gave up"
 
 
 def _client_error(name: str, text: str) -> Exception:
@@ -111,6 +228,11 @@ class FakeListener:
         return self.state
 
 
+def answer(adapter: RocketMQTransactionalProducer, out: Any) -> TransactionState:
+    """The producer's answer to a check-back of ``out`` (a 5.x client message)."""
+    return adapter._answer(_client.received(out), out.tag)
+
+
 def _outbox_with(adapter: RocketMQTransactionalProducer, state: TransactionState) -> Any:
     app = outbox.Outbox(sessionmaker(), delivery=adapter)
     app.listener = FakeListener(state)  # type: ignore[assignment]
@@ -123,23 +245,23 @@ def test_check_back_goes_to_the_outbox_that_registered_the_topic() -> None:
     app_b = _outbox_with(adapter, TransactionState.ROLLBACK)
     adapter.register("a", app_a)
     adapter.register("b", app_b)
-    resolution = rocketmq.TransactionResolution
-    for topic, expected in (("a", resolution.COMMIT), ("b", resolution.ROLLBACK)):
+    for topic, expected in (("a", TransactionState.COMMIT), ("b", TransactionState.ROLLBACK)):
         msg = _client.to_rocketmq(Message(topic=topic, payload=b"{}", id=f"id-{topic}"))
-        assert adapter._on_check(msg) == expected
+        assert answer(adapter, msg) is expected
     assert app_a.listener.checked == ["id-a"]
     assert app_b.listener.checked == ["id-b"]
 
 
-def test_unknown_answers_ask_again_and_foreign_messages_are_rolled_back() -> None:
+def test_unknown_answers_ask_again_and_foreign_messages_are_left_to_their_producer() -> None:
     adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"])
     adapter.register("a", _outbox_with(adapter, TransactionState.UNKNOWN))
-    resolution = rocketmq.TransactionResolution
     ours = _client.to_rocketmq(Message(topic="a", payload=b"{}", id="x"))
-    assert adapter._on_check(ours) == resolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+    assert answer(adapter, ours) is TransactionState.UNKNOWN
     foreign = rocketmq.Message()
     foreign.topic, foreign.body = "a", b"{}"
-    assert adapter._on_check(foreign) == resolution.ROLLBACK
+    # Another producer of the group wrote it (a Java service): only it can tell, so
+    # never ROLLBACK; the broker asks again, and sooner or later asks that producer.
+    assert answer(adapter, foreign) is TransactionState.UNKNOWN
 
 
 def test_register_refuses_unknown_topics_and_a_second_database() -> None:
@@ -275,14 +397,13 @@ def test_check_back_of_an_async_outbox_is_answered_in_its_loop(
     adapter = RocketMQTransactionalProducer(RocketMQConfig(request_timeout=0.3), ["a"])
     app = _async_outbox(adapter, TransactionState.COMMIT)
     ours = _client.to_rocketmq(Message(topic="a", payload=b"{}", id="x"))
-    resolution = rocketmq.TransactionResolution
     # No loop has used the producer yet: ask again.
-    assert adapter._on_check(ours) == resolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+    assert answer(adapter, ours) is TransactionState.UNKNOWN
     adapter._remember_loop(app, loop_thread)
-    assert adapter._on_check(ours) == resolution.COMMIT
+    assert answer(adapter, ours) is TransactionState.COMMIT
     app.listener.delay = 2.0  # the loop does not answer within request_timeout
     started = time.monotonic()
-    assert adapter._on_check(ours) == resolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+    assert answer(adapter, ours) is TransactionState.UNKNOWN
     assert time.monotonic() - started < 1.0
 
 
@@ -293,8 +414,7 @@ def test_check_back_asks_again_once_the_outboxs_loop_is_closed() -> None:
     adapter._remember_loop(app, loop)
     loop.close()
     ours = _client.to_rocketmq(Message(topic="a", payload=b"{}", id="x"))
-    ask_again = rocketmq.TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED
-    assert adapter._on_check(ours) == ask_again
+    assert answer(adapter, ours) is TransactionState.UNKNOWN
 
 
 def test_an_async_ticket_schedules_its_end_transaction_and_aclose_waits_for_it() -> None:
@@ -359,3 +479,15 @@ def test_aprepare_falls_back_to_an_outbox_row_only_when_asked(fallback: bool) ->
     else:
         with pytest.raises(BrokerUnavailableError, match="proxy down"):
             asyncio.run(scenario())
+
+
+def test_a_name_server_address_selects_the_remoting_client() -> None:
+    config = RocketMQConfig(namesrv="127.0.0.1:19876", producer_group="bank1")
+    assert config.where == "name server 127.0.0.1:19876 (remoting)"
+    assert RocketMQConfig().where == "proxy 127.0.0.1:8081 (gRPC)"
+    with pytest.raises(ConfigurationError, match="host:port of the name server"):
+        RocketMQConfig(namesrv="localhost")
+    with pytest.raises(ConfigurationError, match="5.x proxy"):
+        RocketMQConfig(namesrv="127.0.0.1:9876", access_key="ak", secret_key=SECRET)
+    with pytest.raises(ConfigurationError, match="producer_group"):
+        RocketMQConfig(namesrv="127.0.0.1:9876", producer_group=" ")

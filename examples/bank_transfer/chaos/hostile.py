@@ -20,7 +20,8 @@ from sqlalchemy.exc import DataError, IntegrityError
 from outbox import SqlTransport
 from outbox.codec import DEFAULT_MAX_PAYLOAD_BYTES
 from outbox_rocketmq import RocketMQConfig, RocketMQSubscriber
-from outbox_rocketmq._client import MESSAGE_ID_PROPERTY, client_configuration, rocketmq
+from outbox_rocketmq._client import client_configuration, rocketmq
+from outbox_rocketmq.mapping import MESSAGE_ID_PROPERTY
 
 from .. import DEAD_LETTER_TOPIC, TOPIC
 
