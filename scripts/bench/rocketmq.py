@@ -42,7 +42,7 @@ import outbox
 from outbox import Message, Relay, RelayConfig
 from outbox.message import TransactionState
 from outbox_rocketmq import RocketMQConfig, RocketMQPublisher, RocketMQTransactionalProducer
-from outbox_rocketmq._client import client_configuration, rocketmq, to_rocketmq
+from outbox_rocketmq._client import client_configuration, rocketmq
 from outbox_rocketmq.mapping import MESSAGE_ID_PROPERTY
 
 from .common import Report, Timings, ratio
@@ -143,7 +143,7 @@ def halfmsg_vs_plain(report: Report, app: outbox.Outbox, adapter: BenchProducer,
         fields = body(no, i)
         message = app.message(topic=TOPIC, payload=fields, key=fields["from_account"],
                               message_id=no, tag=adapter.tag)
-        producer.send(to_rocketmq(message))
+        producer.send(message)
 
     def half(no: str, i: int) -> None:
         transfer(**body(no, i))
@@ -340,8 +340,8 @@ def run(report: Report, *, quick: bool, endpoints: str) -> None:
         report.progress(f"rocketmq: {endpoints}, topic {TOPIC}, run {prefix.rstrip('-')}")
         try:
             adapter.start()
-            adapter._started().send(to_rocketmq(app.message(
-                topic=TOPIC, payload={"probe": True}, message_id=prefix + "probe", tag=tag)))
+            adapter._started().send(app.message(
+                topic=TOPIC, payload={"probe": True}, message_id=prefix + "probe", tag=tag))
         except outbox.OutboxError as exc:
             raise SystemExit(f"bench: RocketMQ at {endpoints} does not take sends ({exc}); "
                              "run scripts/rocketmq up (it also creates the topics)") from None

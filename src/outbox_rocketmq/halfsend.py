@@ -34,6 +34,8 @@ Answer = Callable[[Received, "str | None"], TransactionState]
 class HalfSender(Protocol):
     def send_half(self, message: Message) -> Any: ...
     def end(self, handle: Any, commit: bool) -> None: ...
+    def send(self, message: Message) -> None:
+        """A plain (not transactional) send through the same client."""
     def shutdown(self) -> None: ...
 
 
@@ -73,6 +75,12 @@ class GrpcHalfSender:
         else:
             handle.rollback()
 
+    def send(self, message: Message) -> None:
+        try:
+            self.producer.send(to_rocketmq(message))
+        except Exception as exc:
+            raise grpc_error(exc, self.config, f"sending {message.id}") from None
+
     def shutdown(self) -> None:
         shutdown_quietly(self.producer)
 
@@ -101,6 +109,10 @@ class RemotingHalfSender:
 
     def end(self, handle: Any, commit: bool) -> None:
         self.client.end_transaction(handle, commit)
+
+    def send(self, message: Message) -> None:
+        self.client.send(message.topic, message.payload, properties_of(message),
+                         tag=message.tag, keys=[message.key] if message.key else ())
 
     def shutdown(self) -> None:
         self.client.close()
