@@ -70,7 +70,8 @@ def _relay_process() -> None:
     it commits), and prints what it published as JSON."""
     engine = outbox.create_engine(sys.argv[1])
     publisher = RedisListPublisher(client())
-    relay = Relay(engine, publisher, RelayConfig(listen=False))
+    ahead = len(sys.argv) < 3 or sys.argv[2] != "no-claim-ahead"
+    relay = Relay(engine, publisher, RelayConfig(listen=False, claim_ahead=ahead))
     warm(engine)
     publisher.conn.ping()
     print("ready", flush=True)
@@ -110,14 +111,15 @@ def machine_load(seconds: float = 1.0) -> float | None:
     return 1 - (after[1] - before[1]) / (after[0] - before[0])
 
 
-def drain_with_processes(url: str, n: int) -> dict[str, Any]:
+def drain_with_processes(url: str, n: int, claim_ahead: bool = True) -> dict[str, Any]:
     """Start ``n`` relay processes on the database's backlog at once; wall time from
     the start signal until the last one is done."""
     env = dict(os.environ)
     scripts = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (scripts, env.get("PYTHONPATH")) if p)
     procs = [subprocess.Popen(
-        [sys.executable, "-c", "from bench.scale import _relay_process; _relay_process()", url],
+        [sys.executable, "-c", "from bench.scale import _relay_process; _relay_process()", url,
+         "claim-ahead" if claim_ahead else "no-claim-ahead"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     ) for _ in range(n)]
     try:
@@ -163,24 +165,33 @@ def scale_out(url: str, report: Report, rows: int, rounds: int) -> dict[str, Any
     conn = client()
     engine = fresh_engine(url)
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    plain: dict[int, dict[str, Any]] = {}
     idle_load = machine_load()
     try:
+        def one_run(n: int, claim_ahead: bool) -> dict[str, Any]:
+            conn.delete(TOPIC)
+            claim.reset(engine)
+            claim.fill(engine, rows, report, TOPIC, outage=False)
+            run = drain_with_processes(url, n, claim_ahead)
+            arrived = conn.llen(TOPIC)
+            with engine.connect() as c:
+                left = storage.counts(c)["pending"]
+            if left or run["published"] != rows or arrived != rows:
+                raise SystemExit(
+                    f"bench: {n} relay processes published {run['published']} of {rows} "
+                    f"rows ({left} pending, {arrived} at the broker)")
+            report.progress(f"scale: {rows:,} rows, {n} relay process(es)"
+                            f"{'' if claim_ahead else ' without claim ahead'}: "
+                            f"{run['per_s']:,.0f} msg/s")
+            return run
+
         for _ in range(rounds):
             for n in (1, 2):
-                conn.delete(TOPIC)
-                claim.reset(engine)
-                claim.fill(engine, rows, report, TOPIC, outage=False)
-                run = drain_with_processes(url, n)
-                arrived = conn.llen(TOPIC)
-                with engine.connect() as c:
-                    left = storage.counts(c)["pending"]
-                if left or run["published"] != rows or arrived != rows:
-                    raise SystemExit(
-                        f"bench: {n} relay processes published {run['published']} of {rows} "
-                        f"rows ({left} pending, {arrived} at the broker)")
-                report.progress(f"scale: {rows:,} rows, {n} relay process(es): "
-                                f"{run['per_s']:,.0f} msg/s")
-                runs[n].append(run)
+                runs[n].append(one_run(n, True))
+        # The same without claiming ahead: one connection per relay, so what two
+        # processes add is what row locks between them allow, less what the CPUs lack.
+        for n in (1, 2):
+            plain[n] = one_run(n, False)
     finally:
         conn.delete(TOPIC)
         conn.close()
@@ -207,12 +218,15 @@ def scale_out(url: str, report: Report, rows: int, rounds: int) -> dict[str, Any
     report.row("relays_2_vs_1", f"{value:.2f}",
                f"target >= 1.6; median of {rounds} rounds ({shown}); {os.cpu_count()} CPUs "
                f"shared with the database and broker{others}")
+    plain_ratio = ratio(plain[2]["per_s"], plain[1]["per_s"])
+    report.row("relays_2_vs_1 without claim ahead", f"{plain_ratio:.2f}",
+               f"{plain[1]['per_s']:,.0f} -> {plain[2]['per_s']:,.0f} msg/s{busy(plain[2])}")
     report.row("broker raw msg/s (pipelined 100)", f"{broker:,.0f}",
                f"{ratio(broker, two['per_s']):.1f} x what 2 relays sent: not the limit")
     return {"rows": rows, "rounds": rounds, "one": one, "two": two, "ratio": value,
             "broker_pipelined_per_s": broker, "machine_busy_before": idle_load,
             "cpus": os.cpu_count(),
-            "ratios": ratios,
+            "ratios": ratios, "without_claim_ahead": plain,
             "all_per_s": {n: [round(r["per_s"]) for r in rs] for n, rs in runs.items()}}
 
 
