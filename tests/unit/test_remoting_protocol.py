@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from outbox_rocketmq.remoting.client import quote_number_keys
 from outbox_rocketmq.remoting.protocol import (
     COMPRESSED_FLAG,
     MAX_FRAME_BYTES,
@@ -117,3 +118,15 @@ def test_offset_ids_that_are_not_ids_are_protocol_errors() -> None:
         commit_log_offset_of("zz")
     with pytest.raises(ProtocolError, match="bytes"):
         commit_log_offset_of("00" * 5)
+
+
+@pytest.mark.parametrize(
+    ("fastjson", "expected"),
+    [
+        ('{"brokerAddrs":{0:"127.0.0.1:20911",1:"h:2"}}',
+         {"brokerAddrs": {"0": "127.0.0.1:20911", "1": "h:2"}}),
+        ('{"s":"{0:\\"x\\"}", "n": {-1 : [1, 2]}}', {"s": '{0:"x"}', "n": {"-1": [1, 2]}}),
+    ],
+)
+def test_routes_of_name_servers_before_4_9_4_are_read(fastjson: str, expected: object) -> None:
+    assert json.loads(quote_number_keys(fastjson)) == expected

@@ -487,7 +487,7 @@ def test_a_name_server_address_selects_the_remoting_client() -> None:
     assert RocketMQConfig().where == "proxy 127.0.0.1:8081 (gRPC)"
     with pytest.raises(ConfigurationError, match="host:port of the name server"):
         RocketMQConfig(namesrv="localhost")
-    with pytest.raises(ConfigurationError, match="5.x proxy"):
+    with pytest.raises(ConfigurationError, match=r"5\.x proxy"):
         RocketMQConfig(namesrv="127.0.0.1:9876", access_key="ak", secret_key=SECRET)
     with pytest.raises(ConfigurationError, match="producer_group"):
         RocketMQConfig(namesrv="127.0.0.1:9876", producer_group=" ")

@@ -70,7 +70,7 @@ class Route:
     @classmethod
     def parse(cls, topic: str, body: bytes) -> Route:
         try:
-            data = json.loads(body)
+            data = json.loads(quote_number_keys(body.decode("utf-8")))
             brokers = {
                 b["brokerName"]: b["brokerAddrs"]["0"]
                 for b in data.get("brokerDatas", ())
@@ -85,9 +85,46 @@ class Route:
                     write += [MessageQueue(name, i) for i in range(int(q["writeQueueNums"]))]
                 if perm & 4:
                     read += [MessageQueue(name, i) for i in range(int(q["readQueueNums"]))]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"a topic route that does not parse: {exc}") from None
         return cls(topic, brokers, tuple(write), tuple(read), time.monotonic())
+
+
+def quote_number_keys(text: str) -> str:
+    """JSON out of fastjson's default output, which name servers before 4.9.4 send:
+    object keys that are integers stay unquoted (``{"brokerAddrs":{0:"host:port"}}``).
+    Quotes every such key, leaving strings alone."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    expect_key = False
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            end = i + 1
+            while end < n and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            out.append(text[i:end + 1])
+            i = end + 1
+            expect_key = False
+            continue
+        if ch in "{,":
+            expect_key = True
+        elif expect_key and (ch.isdigit() or ch == "-"):
+            end = i + 1
+            while end < n and text[end].isdigit():
+                end += 1
+            rest = text[end:].lstrip()
+            if rest.startswith(":"):
+                out.append(f'"{text[i:end]}"')
+                i = end
+                expect_key = False
+                continue
+            expect_key = False
+        elif not ch.isspace():
+            expect_key = False
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 @dataclass(frozen=True)
