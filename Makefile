@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine with Python 3.11:
 #   make demo   - the bank-transfer demo on SQLite and the embedded SQL transport
-#   make test   - install and start PostgreSQL, MariaDB and RocketMQ, then the whole suite
+#   make test   - install and start PostgreSQL, MariaDB, Redis, RocketMQ 5 and 4.9, then
+#                 the whole suite
 PYTHON ?= python3
 RMQ_ENDPOINTS ?= 127.0.0.1:8081
 VENV ?= .venv
@@ -50,11 +51,14 @@ bench: $(STAMP) services
 	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) \
 	  PYTHONPATH=scripts $(PY) -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
+# The two RocketMQ brokers start side by side (each JVM takes a while to come up).
 services:
 	scripts/services up
-	scripts/rocketmq up
+	scripts/rocketmq4 up & four=$$!; scripts/rocketmq up; five=$$?; \
+	  wait $$four || { echo "scripts/rocketmq4 up failed" >&2; exit 1; }; exit $$five
 
 services-down:
+	scripts/rocketmq4 down
 	scripts/rocketmq down
 	scripts/services down
 
@@ -64,7 +68,8 @@ lint: $(STAMP)
 	MYPYPATH=examples $(VENV)/bin/mypy --strict -p bank_transfer
 
 test: $(STAMP) services lint
-	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) $(PY) -m pytest
+	eval "$$(scripts/services env)"; eval "$$(scripts/rocketmq4 env)"; \
+	  OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) $(PY) -m pytest
 
 clean:
 	rm -rf .demo .chaos .pytest_cache .mypy_cache .ruff_cache

@@ -189,6 +189,25 @@ def rocketmq_endpoints() -> str:
 
 
 @pytest.fixture(scope="session")
+def rocketmq4_namesrv() -> str:
+    """The RocketMQ 4.9 name server (``scripts/rocketmq4 up``), from
+    OUTBOX_TEST_ROCKETMQ4_NAMESRV."""
+    import socket
+
+    namesrv = os.environ.get("OUTBOX_TEST_ROCKETMQ4_NAMESRV")
+    if not namesrv:
+        unavailable("OUTBOX_TEST_ROCKETMQ4_NAMESRV is not set; run scripts/rocketmq4 up and "
+                    'eval "$(scripts/rocketmq4 env)"')
+    host, _, port = namesrv.split(";")[0].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        unavailable(f"RocketMQ 4 name server {namesrv} is not reachable ({exc}); "
+                    "run scripts/rocketmq4 up")
+    return namesrv
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> str:
     """The Redis test server (``scripts/services up redis``), from OUTBOX_TEST_REDIS_URL."""
     import socket

@@ -137,6 +137,19 @@ class SendResult:
     address: str
 
 
+@dataclass(frozen=True)
+class PullResult:
+    code: int  # SUCCESS, PULL_NOT_FOUND, PULL_RETRY_IMMEDIATELY or PULL_OFFSET_MOVED
+    messages: list[StoredMessage]
+    next_offset: int
+    min_offset: int
+    max_offset: int
+
+
+#: PULL_MESSAGE's flags (RocketMQ's ``PullSysFlag``).
+_PULL_SUSPEND = 0x1 << 1
+_PULL_SUBSCRIPTION = 0x1 << 2
+
 #: Answers a check-back: the stored half message -> COMMIT / ROLLBACK / UNKNOWN type.
 Checker = Callable[[StoredMessage], int]
 
@@ -180,6 +193,8 @@ class RemotingClient:
         self._handlers = ThreadPoolExecutor(2, thread_name_prefix="outbox-rmq-check")
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._subscriptions: dict[str, tuple[str, ...]] = {}
+        self._sub_version = int(time.time() * 1000)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -226,7 +241,15 @@ class RemotingClient:
             "clientID": self.client_id,
             "producerDataSet": [{"groupName": self.producer_group}] if self.producer_group
             else [],
-            "consumerDataSet": [],
+            "consumerDataSet": [{
+                "groupName": group, "consumeType": "CONSUME_ACTIVELY",
+                "messageModel": "CLUSTERING", "consumeFromWhere": "CONSUME_FROM_FIRST_OFFSET",
+                "unitMode": False,
+                "subscriptionDataSet": [{
+                    "classFilterMode": False, "topic": topic, "subString": "*",
+                    "tagsSet": [], "codeSet": [], "subVersion": self._sub_version,
+                    "expressionType": "TAG"} for topic in topics],
+            } for group, topics in self._subscriptions.items()],
         }).encode()
         with self._lock:
             addresses = {a for r in self._routes.values() for a in r.brokers.values()}
@@ -365,6 +388,50 @@ class RemotingClient:
             "msgId": msg_id, "transactionId": msg_id,
         }))
 
+    # -- pulling -------------------------------------------------------------------------
+
+    def subscribe(self, group: str, topics: Sequence[str]) -> None:
+        """Announce ``group`` as a consumer of ``topics`` (every tag) in the heartbeats;
+        a broker serves pulls only to a group it has heard of."""
+        for topic in topics:
+            self.route(topic)
+        self._subscriptions[group] = tuple(topics)
+        self.heartbeat()
+
+    def pull(self, group: str, topic: str, queue: MessageQueue, offset: int, *,
+             max_messages: int = 32, wait_ms: int = 0) -> PullResult:
+        """Messages of one queue from ``offset`` on (waiting up to ``wait_ms`` on the
+        broker when there are none yet)."""
+        route = self.route(topic)
+        address = route.brokers[queue.broker]
+        flags = _PULL_SUBSCRIPTION | (_PULL_SUSPEND if wait_ms else 0)
+        command = Command(RequestCode.PULL_MESSAGE, {
+            "consumerGroup": group, "topic": topic, "queueId": str(queue.queue_id),
+            "queueOffset": str(offset), "maxMsgNums": str(max_messages),
+            "sysFlag": str(flags), "commitOffset": "0",
+            "suspendTimeoutMillis": str(wait_ms), "subscription": "*",
+            "subVersion": str(self._sub_version), "expressionType": "TAG",
+        })
+        response = self.broker(address).request(command,
+                                                self.request_timeout + wait_ms / 1000)
+        fields = response.ext_fields
+        try:
+            next_offset = int(fields.get("nextBeginOffset", offset))
+            bounds = int(fields.get("minOffset", 0)), int(fields.get("maxOffset", 0))
+        except ValueError as exc:
+            raise RemotingError(f"RocketMQ at {address} answered a pull with bad offsets "
+                                f"({exc})") from None
+        if response.code == ResponseCode.SUCCESS:
+            messages = decode_messages(response.body)
+        elif response.code in (ResponseCode.PULL_NOT_FOUND,
+                               ResponseCode.PULL_RETRY_IMMEDIATELY,
+                               ResponseCode.PULL_OFFSET_MOVED):
+            messages = []
+        else:
+            _expect_success(response, f"pulling {topic} queue {queue.queue_id} on {address}")
+            messages = []
+        return PullResult(response.code, messages, next_offset, *bounds)
+
     # -- requests from brokers -----------------------------------------------------------
 
     def _on_request(self, conn: Connection, command: Command) -> None:
@@ -423,5 +490,6 @@ def _local_ip() -> str:
         return "127.0.0.1"
 
 
-__all__ = ["MessageQueue", "RemotingClient", "Route", "SendResult", "StoredMessage"]
+__all__ = ["MessageQueue", "PullResult", "RemotingClient", "Route", "SendResult",
+           "StoredMessage"]
 

@@ -1,0 +1,149 @@
+"""The RocketMQ adapter on a real RocketMQ 4.9 broker (``scripts/rocketmq4 up``), over
+the remoting protocol: the same decorator and transaction log as with 5.x, chosen by
+configuration (a name server address instead of a proxy endpoint)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from outbox_rocketmq import RocketMQConfig, RocketMQTransactionalProducer
+from outbox_rocketmq.mapping import MESSAGE_ID_PROPERTY
+from outbox_rocketmq.remoting.client import RemotingClient
+from outbox_rocketmq.remoting.protocol import TRANSACTION_COMMIT_TYPE, StoredMessage
+
+from .helpers import capture_events
+from .rocketmq_support import (
+    LosesEndTransaction,
+    check_backs,
+    group_name,
+    has_log_row,
+    has_order,
+    make_service,
+    unique,
+)
+
+pytestmark = [pytest.mark.rocketmq4]
+
+TX_TOPIC = "outbox-test4-tx"
+NORMAL_TOPIC = "outbox-test4-normal"
+
+
+@pytest.fixture
+def config(rocketmq4_namesrv: str) -> RocketMQConfig:
+    return RocketMQConfig(namesrv=rocketmq4_namesrv, producer_group=group_name("bank1"))
+
+
+def delivered(namesrv: str, topic: str, wanted: set[str], *, timeout: float,
+              settle: float = 0.0) -> dict[str, list[StoredMessage]]:
+    """Every stored message of ``topic`` with a wanted outbox id, read from the start of
+    each queue by a fresh group, until all arrived (and ``settle`` more seconds)."""
+    client = RemotingClient(namesrv)
+    group = group_name("collect4")
+    found: dict[str, list[StoredMessage]] = {}
+    try:
+        client.subscribe(group, [topic])
+        queues = client.route(topic).read_queues
+        offsets = dict.fromkeys(queues, 0)
+        deadline = time.monotonic() + timeout
+        settle_until: float | None = None
+        while time.monotonic() < (settle_until or deadline):
+            for queue in queues:
+                result = client.pull(group, topic, queue, offsets[queue])
+                offsets[queue] = result.next_offset
+                for m in result.messages:
+                    mid = m.properties.get(MESSAGE_ID_PROPERTY, "")
+                    if mid in wanted:
+                        found.setdefault(mid, []).append(m)
+            if settle_until is None and wanted <= set(found):
+                settle_until = time.monotonic() + settle
+            time.sleep(0.1)
+    finally:
+        client.close()
+    return found
+
+
+def test_the_remoting_client_commits_half_messages_and_answers_check_backs(
+    rocketmq4_namesrv: str,
+) -> None:
+    asked: list[tuple[str, str]] = []
+
+    def checker(stored: StoredMessage) -> int:
+        asked.append((stored.properties[MESSAGE_ID_PROPERTY],
+                      stored.properties.get("TRANSACTION_CHECK_TIMES", "?")))
+        return TRANSACTION_COMMIT_TYPE
+
+    client = RemotingClient(rocketmq4_namesrv, producer_group=group_name("raw"),
+                            checker=checker).start([TX_TOPIC])
+    ended, lost = unique("ended"), unique("lost")
+    try:
+        first = client.send(TX_TOPIC, b"{}", {MESSAGE_ID_PROPERTY: ended}, transactional=True)
+        client.end_transaction(first, True)
+        client.send(TX_TOPIC, b"{}", {MESSAGE_ID_PROPERTY: lost}, transactional=True)
+        got = delivered(rocketmq4_namesrv, TX_TOPIC, {ended, lost}, timeout=40)
+    finally:
+        client.close()
+    assert set(got) == {ended, lost}
+    assert [mid for mid, _ in asked] == [lost]  # only the one whose commit was lost
+    assert asked[0][1] == "1"  # the broker counts its checks: the first one
+
+
+def test_commit_is_delivered_with_its_properties_and_rollback_never(
+    tmp_path: Path, config: RocketMQConfig, rocketmq4_namesrv: str,
+) -> None:
+    adapter = RocketMQTransactionalProducer(config, [TX_TOPIC])
+    service = make_service(f"sqlite:///{tmp_path / 'a.db'}", adapter, TX_TOPIC)
+    adapter.start()
+    good, bad = unique("good"), unique("bad")
+    try:
+        service.place_order(good)
+        with pytest.raises(ValueError, match="refused"):
+            service.place_order(bad, fail=True)
+        got = delivered(rocketmq4_namesrv, TX_TOPIC, {good, bad}, timeout=30, settle=3)
+    finally:
+        adapter.close()
+    assert has_order(service.engine, good) and has_log_row(service.engine, good)
+    assert not has_order(service.engine, bad)
+    assert set(got) == {good} and len(got[good]) == 1
+    [message] = got[good]
+    assert message.keys == (good,)  # the decorator's key="order_no"
+    assert "OUTBOX_CREATED_AT" in message.properties
+
+
+def test_a_lost_commit_is_delivered_once_through_the_check_back(
+    tmp_path: Path, config: RocketMQConfig, rocketmq4_namesrv: str,
+) -> None:
+    adapter = LosesEndTransaction(config, [TX_TOPIC])
+    service = make_service(f"sqlite:///{tmp_path / 'b.db'}", adapter, TX_TOPIC)
+    adapter.start()
+    order_no = unique("lost-commit")
+    try:
+        with capture_events() as events:
+            service.place_order(order_no)
+            got = delivered(rocketmq4_namesrv, TX_TOPIC, {order_no}, timeout=40, settle=3)
+    finally:
+        adapter.close()
+    assert adapter.asked == {order_no: "commit"}
+    assert len(got.get(order_no, [])) == 1
+    assert "commit" in check_backs(events, order_no)
+
+
+def test_a_missing_topic_and_a_missing_name_server_are_clear_errors(
+    rocketmq4_namesrv: str,
+) -> None:
+    from outbox.errors import BrokerUnavailableError, ConfigurationError
+
+    client = RemotingClient(rocketmq4_namesrv)
+    try:
+        with pytest.raises(ConfigurationError, match="does not exist"):
+            client.route("outbox-no-such-topic")
+    finally:
+        client.close()
+    nowhere = RemotingClient("127.0.0.1:1")
+    try:
+        with pytest.raises(BrokerUnavailableError, match="no RocketMQ name server answered"):
+            nowhere.route(NORMAL_TOPIC)
+    finally:
+        nowhere.close()
