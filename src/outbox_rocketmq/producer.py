@@ -5,6 +5,7 @@ sync :class:`outbox.Outbox` (``prepare``) and the asyncio :class:`outbox.AsyncOu
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import datetime as dt
 import functools
@@ -24,10 +25,18 @@ from outbox.storage import settle_guard
 from ._aio import DEFAULT_WORKERS, BlockingCalls, FollowUps
 from .config import RocketMQConfig
 from .halfsend import HalfSender, half_sender
-from .mapping import Received, to_message
+from .mapping import MESSAGE_ID_PROPERTY, Received, to_message
 from .tickets import AsyncHalfMessageTicket, HalfMessageTicket
 
 log = get_logger("outbox.rocketmq")
+
+#: The broker's default ``transactionCheckMax``: it discards a half message after
+#: that many check-backs without an answer.
+DEFAULT_CHECK_LIMIT = 15
+#: The property carrying how many times the broker has checked a half message.
+CHECK_TIMES_PROPERTY = "TRANSACTION_CHECK_TIMES"
+#: How many message ids ``near_limit`` keeps.
+NEAR_LIMIT_KEPT = 1000
 
 
 class RocketMQTransactionalProducer:
@@ -72,7 +81,15 @@ class RocketMQTransactionalProducer:
         fallback_to_outbox: bool = False,
         guard_after: dt.timedelta | None = None,
         workers: int = DEFAULT_WORKERS,
+        check_limit: int = DEFAULT_CHECK_LIMIT,
     ) -> None:
+        if check_limit < 1:
+            raise ConfigurationError(
+                "check_limit must be the broker's transactionCheckMax (15 by default)")
+        self.check_limit = check_limit
+        #: Half messages whose check-backs passed two thirds of ``check_limit``, by
+        #: message id: the broker discards one at the limit (the last few, newest last).
+        self.near_limit: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.config = config
         self.topics = tuple(dict.fromkeys(topics))
         if not self.topics:
@@ -150,6 +167,7 @@ class RocketMQTransactionalProducer:
 
     def _answer(self, received: Received, tag: str | None) -> TransactionState:
         """A check-back's answer, for either client: UNKNOWN means "ask again"."""
+        self._count_check(received)
         try:
             message = to_message(received, tag)
         except MessageError as exc:
@@ -167,6 +185,26 @@ class RocketMQTransactionalProducer:
             log.error("check_back_failed", error=f"{type(exc).__name__}: {exc}",
                       **message.log_fields())
             return TransactionState.UNKNOWN
+
+    def _count_check(self, received: Received) -> None:
+        """Warn when the broker has asked about a half message so often that it will
+        soon discard it (it sends the count it is at with each check)."""
+        try:
+            checks = int(received.properties.get(CHECK_TIMES_PROPERTY, "0"))
+        except ValueError:
+            return
+        if checks * 3 < self.check_limit * 2:
+            return
+        message_id = received.properties.get(MESSAGE_ID_PROPERTY) or received.rocketmq_id or "?"
+        log.warning("check_back_near_limit", message_id=message_id, topic=received.topic,
+                    checks=checks, limit=self.check_limit,
+                    hint="the broker discards the half message at the limit; the guard row "
+                         "(guard_after) or outbox recovery delivers it then")
+        with self._loops_lock:
+            self.near_limit[message_id] = checks
+            self.near_limit.move_to_end(message_id)
+            while len(self.near_limit) > NEAR_LIMIT_KEPT:
+                self.near_limit.popitem(last=False)
 
     # -- lifecycle -------------------------------------------------------------------
 

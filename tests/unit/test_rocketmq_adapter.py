@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -491,3 +492,23 @@ def test_a_name_server_address_selects_the_remoting_client() -> None:
         RocketMQConfig(namesrv="127.0.0.1:9876", access_key="ak", secret_key=SECRET)
     with pytest.raises(ConfigurationError, match="producer_group"):
         RocketMQConfig(namesrv="127.0.0.1:9876", producer_group=" ")
+
+
+def test_check_backs_near_the_brokers_limit_are_warned_about_and_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"], check_limit=15)
+    adapter.register("a", _outbox_with(adapter, TransactionState.UNKNOWN))
+    out = _client.to_rocketmq(Message(topic="a", payload=b"{}", id="m-near"))
+    caplog.set_level(logging.DEBUG, logger="outbox")
+    for checks in (1, 9, 10, 12):
+        received = _client.received(out)
+        received.properties["TRANSACTION_CHECK_TIMES"] = str(checks)
+        assert adapter._answer(received, None) is TransactionState.UNKNOWN
+    events = [getattr(r, "outbox", {}) for r in caplog.records]
+    near = [e for e in events if e.get("event") == "check_back_near_limit"]
+    assert [e["checks"] for e in near] == [10, 12]  # from two thirds of 15 on
+    assert near[0]["message_id"] == "m-near" and near[0]["limit"] == 15
+    assert adapter.near_limit == {"m-near": 12}
+    with pytest.raises(ConfigurationError, match="transactionCheckMax"):
+        RocketMQTransactionalProducer(RocketMQConfig(), ["a"], check_limit=0)
