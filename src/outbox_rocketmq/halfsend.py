@@ -10,6 +10,7 @@ outcome (UNKNOWN for "ask again").
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from outbox.errors import OutboxError
@@ -115,6 +116,29 @@ class RemotingHalfSender:
                          tag=message.tag, keys=[message.key] if message.key else ())
 
     def shutdown(self) -> None:
+        self.client.close()
+
+
+class RemotingPlainSender:
+    """Normal sends straight to the brokers (what a relay's publisher uses on 4.x), in
+    the 5.x client's shape: ``send`` blocks, ``send_async`` returns a future (run on a
+    few threads; one connection carries many requests at once)."""
+
+    def __init__(self, config: RocketMQConfig, topics: Sequence[str], workers: int = 8) -> None:
+        assert config.namesrv is not None
+        self.client = RemotingClient(config.namesrv, request_timeout=config.request_timeout)
+        self.client.start(topics)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="outbox-rmq-send")
+
+    def send(self, message: Message) -> SendResult:
+        return self.client.send(message.topic, message.payload, properties_of(message),
+                                tag=message.tag, keys=[message.key] if message.key else ())
+
+    def send_async(self, message: Message) -> Future[SendResult]:
+        return self._pool.submit(self.send, message)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
 

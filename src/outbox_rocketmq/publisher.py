@@ -26,6 +26,7 @@ from outbox.message import Message
 from ._aio import BlockingCalls
 from ._client import client_configuration, rocketmq, shutdown_quietly, to_rocketmq, wrap_error
 from .config import RocketMQConfig
+from .halfsend import RemotingPlainSender
 
 #: Attempts the client makes for one send before its future fails (its default).
 CLIENT_SEND_ATTEMPTS = 3
@@ -117,7 +118,8 @@ class BatchOutcome:
 
 
 class RocketMQPublisher:
-    """Publisher of normal messages, for :class:`outbox.Relay`.
+    """Publisher of normal messages, for :class:`outbox.Relay`; through the 5.x proxy,
+    or straight to 4.x brokers when the config names a name server.
 
     A topic that also receives transactional half messages (the fallback path)
     must be of type MIXED: the proxy refuses a normal send to a TRANSACTION topic.
@@ -142,6 +144,8 @@ class RocketMQPublisher:
 
     def _started(self) -> Any:
         with self._lock:
+            if self._producer is None and self.config.namesrv is not None:
+                self._producer = RemotingPlainSender(self.config, self.topics)
             if self._producer is None:
                 producer = rocketmq().Producer(client_configuration(self.config), self.topics)
                 try:
@@ -157,6 +161,8 @@ class RocketMQPublisher:
             raise ConfigurationError(
                 f"topic {message.topic!r} is not among this publisher's topics {list(self.topics)}"
             )
+        if self.config.namesrv is not None:
+            return message  # the remoting sender maps it itself
         return to_rocketmq(message)
 
     def _failed(self, exc: Exception, message: Message) -> OutboxError:

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from outbox_rocketmq import RocketMQConfig, RocketMQTransactionalProducer
+import outbox
+from outbox import Message, Relay, RelayConfig
+from outbox.errors import BrokerUnavailableError, ConfigurationError
+from outbox_rocketmq import RocketMQConfig, RocketMQPublisher, RocketMQTransactionalProducer
 from outbox_rocketmq.mapping import MESSAGE_ID_PROPERTY
 from outbox_rocketmq.remoting.client import RemotingClient
 from outbox_rocketmq.remoting.protocol import TRANSACTION_COMMIT_TYPE, StoredMessage
 
-from .helpers import capture_events
+from .helpers import add_messages, capture_events
 from .rocketmq_support import (
     LosesEndTransaction,
     check_backs,
@@ -133,8 +136,6 @@ def test_a_lost_commit_is_delivered_once_through_the_check_back(
 def test_a_missing_topic_and_a_missing_name_server_are_clear_errors(
     rocketmq4_namesrv: str,
 ) -> None:
-    from outbox.errors import BrokerUnavailableError, ConfigurationError
-
     client = RemotingClient(rocketmq4_namesrv)
     try:
         with pytest.raises(ConfigurationError, match="does not exist"):
@@ -147,3 +148,35 @@ def test_a_missing_topic_and_a_missing_name_server_are_clear_errors(
             nowhere.route(NORMAL_TOPIC)
     finally:
         nowhere.close()
+
+
+def test_a_relay_publishes_outbox_rows_to_the_4x_broker_in_batches(
+    tmp_path: Path, config: RocketMQConfig, rocketmq4_namesrv: str,
+) -> None:
+    engine = outbox.create_engine(f"sqlite:///{tmp_path / 'relay.db'}")
+    outbox.metadata.create_all(engine)
+    prefix = unique("relay4")
+    messages = [Message(topic=NORMAL_TOPIC, id=f"{prefix}-{i:03d}", key=f"k{i % 7}",
+                        tag="t4", payload=b'{"i":%d}' % i, headers={"traceId": f"t{i}"})
+                for i in range(250)]
+    add_messages(engine, messages)
+    publisher = RocketMQPublisher(config, [NORMAL_TOPIC])
+    try:
+        relay = Relay(engine, publisher, RelayConfig(batch_size=100))
+        assert relay.drain(timeout=60) == len(messages)
+        got = delivered(rocketmq4_namesrv, NORMAL_TOPIC, {m.id for m in messages}, timeout=30)
+    finally:
+        publisher.close()
+        engine.dispose()
+    assert {mid: len(copies) for mid, copies in got.items()} == {m.id: 1 for m in messages}
+    sample = got[messages[5].id][0]
+    assert (sample.tag, sample.keys, sample.properties["traceId"]) == ("t4", ("k5",), "t5")
+
+
+def test_a_publisher_names_an_unreachable_name_server() -> None:
+    publisher = RocketMQPublisher(RocketMQConfig(namesrv="127.0.0.1:1"), [NORMAL_TOPIC])
+    try:
+        with pytest.raises(BrokerUnavailableError, match="name server"):
+            publisher.publish(Message(topic=NORMAL_TOPIC, payload=b"{}"))
+    finally:
+        publisher.close()
