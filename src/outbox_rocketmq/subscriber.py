@@ -22,6 +22,7 @@ from ._aio import BlockingCalls
 from ._client import client_configuration, rocketmq, shutdown_quietly, to_delivery, wrap_error
 from .config import RocketMQConfig
 from .mapping import MESSAGE_ID_PROPERTY, MessageIdFrom, ordered_keys
+from .remoting.consumer import RemotingSubscriber
 
 log = get_logger("outbox.rocketmq")
 
@@ -38,7 +39,9 @@ NOT_YET_SECONDS = 0.2
 
 
 class RocketMQSubscriber:
-    """Receives one topic for one consumer group through a RocketMQ SimpleConsumer.
+    """Receives one topic for one consumer group through a RocketMQ SimpleConsumer
+    (5.x proxy), or as a member of the group on 4.x brokers when the config names a
+    name server (offsets on the broker, retries through the group's retry topic).
 
     ``group`` is the RocketMQ consumer group: the broker keeps one position per group
     and topic, and each message goes to one member of the group. Unacknowledged
@@ -73,6 +76,11 @@ class RocketMQSubscriber:
         self.dead_letter_topic = dead_letter_topic
         self.invisible_seconds = invisible_seconds
         self.message_id_from = message_id_from or MessageIdFrom()
+        #: With a name server in the config: a member of the group on 4.x brokers.
+        self._remoting = RemotingSubscriber(
+            config.namesrv, topic, group, dead_letter_topic=dead_letter_topic,
+            message_id_from=self.message_id_from, request_timeout=config.request_timeout,
+        ) if config.namesrv is not None else None
         self._consumer: Any = None
         self._consumer_started = 0.0
         self._dead_producer: Any = None
@@ -183,6 +191,8 @@ class RocketMQSubscriber:
     # -- the sync Subscriber ---------------------------------------------------------
 
     def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
+        if self._remoting is not None:
+            return self._remoting.fetch(max_messages, wait_seconds)
         consumer = self._started()
         count = self._batch(consumer, max_messages, wait_seconds)
         try:
@@ -196,18 +206,24 @@ class RocketMQSubscriber:
         return [to_delivery(m, self.message_id_from) for m in received or ()]
 
     def ack(self, delivery: Delivery) -> None:
+        if self._remoting is not None:
+            return self._remoting.ack(delivery)
         try:
             self._started().ack(delivery.handle)
         except Exception as exc:
             raise self._ack_failed(exc, delivery) from None
 
     def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
+        if self._remoting is not None:
+            return self._remoting.retry(delivery, delay_seconds, error)
         try:
             self._started().change_invisible_duration(delivery.handle, max(1, round(delay_seconds)))
         except Exception as exc:
             self._retry_not_set(exc, delivery)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        if self._remoting is not None:
+            return self._remoting.dead_letter(delivery, reason)
         copy = self._dead_copy(delivery, reason)
         try:
             self._dead_letter_producer().send(copy)
@@ -217,6 +233,8 @@ class RocketMQSubscriber:
         self._dead_lettered(delivery, reason)
 
     def close(self) -> None:
+        if self._remoting is not None:
+            self._remoting.close()
         with self._lock:
             consumer, self._consumer = self._consumer, None
             producer, self._dead_producer = self._dead_producer, None
@@ -258,6 +276,8 @@ class AsyncRocketMQSubscriber:
 
     async def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
         sync = self._sync
+        if sync._remoting is not None:
+            return await self._calls.run(sync.fetch, max_messages, wait_seconds)
         consumer = await self._calls.run(sync._started)
         count = sync._batch(consumer, max_messages, wait_seconds)
         try:
@@ -279,6 +299,8 @@ class AsyncRocketMQSubscriber:
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         sync = self._sync
+        if sync._remoting is not None:
+            return await self._calls.run(sync.dead_letter, delivery, reason)
         copy = sync._dead_copy(delivery, reason)
         try:
             producer = await self._calls.run(sync._dead_letter_producer)

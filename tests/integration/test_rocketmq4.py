@@ -5,14 +5,22 @@ configuration (a name server address instead of a proxy endpoint)."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+import tenacity
 
 import outbox
-from outbox import Message, Relay, RelayConfig
+from outbox import ConsumerConfig, IdempotentConsumer, Message, ReceivedMessage, Relay, RelayConfig
 from outbox.errors import BrokerUnavailableError, ConfigurationError
-from outbox_rocketmq import RocketMQConfig, RocketMQPublisher, RocketMQTransactionalProducer
+from outbox_rocketmq import (
+    RocketMQConfig,
+    RocketMQPublisher,
+    RocketMQSubscriber,
+    RocketMQTransactionalProducer,
+)
 from outbox_rocketmq.mapping import MESSAGE_ID_PROPERTY
 from outbox_rocketmq.remoting.client import RemotingClient
 from outbox_rocketmq.remoting.protocol import TRANSACTION_COMMIT_TYPE, StoredMessage
@@ -32,6 +40,7 @@ pytestmark = [pytest.mark.rocketmq4]
 
 TX_TOPIC = "outbox-test4-tx"
 NORMAL_TOPIC = "outbox-test4-normal"
+DLQ_TOPIC4 = "outbox-test4-order"  # any topic takes any message on 4.x
 
 
 @pytest.fixture
@@ -180,3 +189,103 @@ def test_a_publisher_names_an_unreachable_name_server() -> None:
             publisher.publish(Message(topic=NORMAL_TOPIC, payload=b"{}"))
     finally:
         publisher.close()
+
+
+def consume_until(consumers: list[IdempotentConsumer], done: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done():
+        for consumer in consumers:
+            consumer.run_once(wait_seconds=0.2)
+
+
+def send_normal(config: RocketMQConfig, messages: list[Message]) -> None:
+    publisher = RocketMQPublisher(config, [NORMAL_TOPIC])
+    try:
+        publisher.publish_batch(messages)
+    finally:
+        publisher.close()
+
+
+def subscriber4(config: RocketMQConfig, group: str, **kwargs: Any) -> RocketMQSubscriber:
+    return RocketMQSubscriber(config, NORMAL_TOPIC, group, dead_letter_topic=DLQ_TOPIC4,
+                              **kwargs)
+
+
+def test_a_4x_consumer_group_applies_each_message_once_retries_and_dead_letters(
+    tmp_path: Path, config: RocketMQConfig, rocketmq4_namesrv: str,
+) -> None:
+    prefix = unique("c4")
+    ok = [Message(topic=NORMAL_TOPIC, id=f"{prefix}-ok-{i}", payload=b'{"i":%d}' % i,
+                  key=f"k{i}") for i in range(20)]
+    flaky = Message(topic=NORMAL_TOPIC, id=f"{prefix}-flaky", payload=b"{}")
+    doomed = Message(topic=NORMAL_TOPIC, id=f"{prefix}-doomed", payload=b"{}")
+    send_normal(config, [*ok, flaky, doomed])
+    applied: Counter[str] = Counter()
+    attempts: Counter[str] = Counter()
+
+    def handler(session: Any, received: ReceivedMessage) -> None:
+        if not received.id.startswith(prefix):
+            return  # the topic's history
+        attempts[received.id] += 1
+        if received.id == doomed.id or (received.id == flaky.id and received.attempt == 1):
+            raise ValueError(f"refusing {received.id} at attempt {received.attempt}")
+        applied[received.id] += 1
+
+    engine = outbox.create_engine(f"sqlite:///{tmp_path / 'bank2.db'}")
+    outbox.metadata.create_all(engine)
+    group = group_name("bank2")
+    subscriber = subscriber4(config, group)
+    consumer = IdempotentConsumer(engine, subscriber, "bank2", handler, config=ConsumerConfig(
+        max_attempts=2, backoff=tenacity.wait_fixed(1)))
+    try:
+        consume_until([consumer], lambda: len(applied) == 21 and attempts[doomed.id] >= 2, 90)
+    finally:
+        subscriber.close()
+    assert applied == Counter({m.id: 1 for m in [*ok, flaky]})
+    assert attempts[flaky.id] == 2 and attempts[doomed.id] == 2
+    dead = delivered(rocketmq4_namesrv, DLQ_TOPIC4, {doomed.id}, timeout=20)
+    [copy] = dead[doomed.id]
+    assert "refusing" in copy.properties["OUTBOX_DEAD_REASON"]
+
+    # The group's offsets are on the broker: a new member of it starts after them.
+    again: Counter[str] = Counter()
+    later = subscriber4(config, group)
+    try:
+        for d in later.fetch(32, 2.0):
+            if d.message_id and d.message_id.startswith(prefix):
+                again[d.message_id] += 1
+            later.ack(d)
+    finally:
+        later.close()
+    assert not again, f"delivered again after their offsets were committed: {dict(again)}"
+
+
+def test_two_4x_members_share_the_queues_and_each_message_goes_to_one(
+    tmp_path: Path, config: RocketMQConfig,
+) -> None:
+    prefix = unique("share4")
+    messages = [Message(topic=NORMAL_TOPIC, id=f"{prefix}-{i:03d}", payload=b"{}")
+                for i in range(80)]
+    group = group_name("pair")
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    subs = {name: subscriber4(config, group) for name in seen}
+    try:
+        for sub in subs.values():  # both in the group before anything is sent
+            sub.fetch(1, 0.1)
+        time.sleep(1.0)
+        for sub in subs.values():
+            sub._remoting._rebalance()  # type: ignore[union-attr]
+        send_normal(config, messages)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(seen["a"]) + len(seen["b"]) < len(messages):
+            for name, sub in subs.items():
+                for d in sub.fetch(32, 0.2):
+                    if d.message_id and d.message_id.startswith(prefix):
+                        seen[name].append(d.message_id)
+                    sub.ack(d)
+    finally:
+        for sub in subs.values():
+            sub.close()
+    both = seen["a"] + seen["b"]
+    assert sorted(both) == sorted(m.id for m in messages)  # each once, none lost
+    assert seen["a"] and seen["b"], "the queues were shared between the two members"

@@ -215,12 +215,14 @@ class RemotingClient:
         with self._lock:
             brokers, self._brokers = dict(self._brokers), {}
             namesrv, self._namesrv_conn = self._namesrv_conn, None
+        groups = [{"producerGroup": self.producer_group}] if self.producer_group else []
+        groups += [{"consumerGroup": g} for g in self._subscriptions]
         for address, conn in brokers.items():
-            if self.producer_group and not conn.closed:
+            for group in groups if not conn.closed else ():
+                # Gone at once from the group's members: the others rebalance now.
                 try:
                     conn.request(Command(RequestCode.UNREGISTER_CLIENT, {
-                        "clientID": self.client_id, "producerGroup": self.producer_group}),
-                        min(self.request_timeout, 2.0))
+                        "clientID": self.client_id, **group}), min(self.request_timeout, 2.0))
                 except RemotingError as exc:
                     log.debug("rocketmq_unregister_failed", address=address, error=str(exc))
             conn.close()
@@ -389,6 +391,9 @@ class RemotingClient:
         }))
 
     # -- pulling -------------------------------------------------------------------------
+
+    def subscriptions(self, group: str) -> tuple[str, ...]:
+        return self._subscriptions.get(group, ())
 
     def subscribe(self, group: str, topics: Sequence[str]) -> None:
         """Announce ``group`` as a consumer of ``topics`` (every tag) in the heartbeats;
