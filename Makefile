@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-postgres demo-mariadb demo-rocketmq chaos bench test lint services services-down clean
+.PHONY: demo demo-postgres demo-mariadb demo-rocketmq chaos bench model-check test lint services services-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,9 +67,16 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	MYPYPATH=examples $(VENV)/bin/mypy --strict -p bank_transfer
 
+# The commit protocol's Spin model (model/outbox.pml): every real configuration must
+# verify and every mutation must be caught (a few minutes; installs spin if missing).
+# make test runs it too, through tests/model.
+model-check:
+	scripts/model-check
+
 test: $(STAMP) services lint
+	scripts/model-check --install
 	eval "$$(scripts/services env)"; eval "$$(scripts/rocketmq4 env)"; \
 	  OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) $(PY) -m pytest
 
 clean:
-	rm -rf .demo .chaos .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .demo .chaos .model-check .pytest_cache .mypy_cache .ruff_cache

@@ -141,31 +141,40 @@ class SqlAlchemyTransactionListener:
         """Answer a check-back from the transaction log."""
         if self.session_factory is None:
             raise MisuseError("this listener reads through an AsyncEngine: await acheck()")
+        now = self.clock()  # before the read: see decide()
         with self.session_factory() as session:
             found = session.execute(self.check_statement(message)).first()
-        return self.decide(message, found is not None)
+        return self.decide(message, found is not None, now)
 
     async def acheck(self, message: Message) -> TransactionState:
         """:meth:`check` through the AsyncEngine of an ``AsyncOutbox``."""
         if self.async_engine is None:
             raise MisuseError("this listener reads through a sync sessionmaker: call check()")
+        now = self.clock()  # before the read: see decide()
         async with self.async_engine.connect() as conn:
             found = (await conn.execute(self.check_statement(message))).first()
-        return self.decide(message, found is not None)
+        return self.decide(message, found is not None, now)
 
     @staticmethod
     def check_statement(message: Message) -> Select[Any]:
         return select(transaction_log.c.transaction_id).where(
             transaction_log.c.transaction_id == message.id)
 
-    def decide(self, message: Message, log_row_found: bool) -> TransactionState:
+    def decide(self, message: Message, log_row_found: bool,
+               now: dt.datetime | None = None) -> TransactionState:
         """The check-back's answer: COMMIT with a log row; without one, UNKNOWN while
-        the transaction may still commit, ROLLBACK once it cannot."""
+        the transaction may still commit, ROLLBACK once it cannot.
+
+        ``now`` is the time read *before* the log row was looked for. Read after it,
+        a commit landing between the two reads would be taken for one that can never
+        come: the row was absent, and by the later clock the timeout had passed, so the
+        answer would be ROLLBACK for a committed transaction."""
         if log_row_found:
             state = TransactionState.COMMIT
         else:
             created = message_created_at(message)
-            if created is not None and self.clock() - created < self.timeout:
+            now = self.clock() if now is None else now
+            if created is not None and now - created < self.timeout:
                 state = TransactionState.UNKNOWN
             else:
                 # Older than the timeout (or not stamped by us): it can never commit now.

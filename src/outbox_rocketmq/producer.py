@@ -21,6 +21,7 @@ from outbox.message import Message, TransactionState
 from outbox.schema import outbox_messages, transaction_log, utcnow
 from outbox.scope import Ticket
 from outbox.storage import settle_guard
+from outbox.transaction import message_created_at
 
 from ._aio import DEFAULT_WORKERS, BlockingCalls, FollowUps
 from .config import RocketMQConfig
@@ -337,7 +338,8 @@ class RocketMQTransactionalProducer:
     def _follow_up(self, ticket: HalfMessageTicket, state: TransactionState) -> None:
         """After the local outcome, in the sync model: end the half message, then settle
         the guard row once the broker has the commit."""
-        if self._end(ticket.transaction, state, ticket.message) and ticket.guarded:
+        if self._end(ticket.transaction, state, ticket.message) and ticket.guarded \
+                and self._ended_in_time(ticket):
             self._settle_guard(ticket.outbox, ticket.message)
 
     def _schedule(self, ticket: AsyncHalfMessageTicket, state: TransactionState) -> None:
@@ -350,11 +352,25 @@ class RocketMQTransactionalProducer:
         try:
             took = await self._calls.run_to_end(self._end, ticket.transaction, state,
                                                 ticket.message)
-            if took and ticket.guarded:
+            if took and ticket.guarded and self._ended_in_time(ticket):
                 await self._asettle_guard(ticket.outbox, ticket.message)
         except Exception as exc:  # the pool is gone: the check-back settles it
             log.warning("rocketmq_follow_up_failed", error=f"{type(exc).__name__}: {exc}",
                         **ticket.message.log_fields())
+
+    @staticmethod
+    def _ended_in_time(ticket: HalfMessageTicket | AsyncHalfMessageTicket) -> bool:
+        """Whether the broker took the commit within the local-transaction timeout of
+        the message, so well inside the time it keeps asking about a half message.
+        A commit that took longer may have come after the broker gave up on the half
+        message (and a broker may acknowledge it all the same): the guard row then
+        stays, and the relay delivers it (the consumer's inbox drops a copy)."""
+        created = message_created_at(ticket.message)
+        timeout = ticket.outbox.listener.timeout
+        in_time = created is not None and utcnow() - created < timeout
+        if not in_time:
+            log.warning("rocketmq_guard_kept_after_late_commit", **ticket.message.log_fields())
+        return in_time
 
     def _settle_guard(self, outbox: Outbox, message: Message) -> None:
         # The broker has the commit: the guard row need not go. If this fails, the

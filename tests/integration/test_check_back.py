@@ -159,3 +159,25 @@ def test_a_transaction_past_half_the_timeout_rolls_back_instead_of_committing(
     assert isinstance(work.exception, TransactionRolledBack)
     assert rows(engine, tables.ledger) == 0
     assert rows(engine, transaction_log) == 0
+
+
+def test_a_commit_landing_between_the_clock_and_the_read_is_not_rolled_back(
+    engine: Engine, clock: Clock,
+) -> None:
+    # The transaction commits at the very moment the checker looks at the clock, when
+    # the message has just reached the timeout. The log row must be looked for after
+    # the clock was read: then it is found, and the answer is COMMIT. (Read the other
+    # way round, the row is absent, the clock says too late, and a committed
+    # transaction is answered ROLLBACK; the model checker found that order.)
+    message = stamped(clock, "tx-race", age=TIMEOUT)
+
+    def clock_that_lets_the_commit_land() -> dt.datetime:
+        with engine.begin() as conn:
+            conn.execute(transaction_log.insert().values(
+                transaction_id=message.id, message_id=message.id, topic=message.topic,
+                created_at=utcnow()))
+        return clock.now
+
+    listener = SqlAlchemyTransactionListener(sessionmaker(engine), timeout=TIMEOUT,
+                                             clock=clock_that_lets_the_commit_land)
+    assert listener.check(message) is TransactionState.COMMIT

@@ -5,6 +5,7 @@ conversion, error wrapping, check-back routing, and the asyncio form of the prod
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import threading
@@ -512,3 +513,22 @@ def test_check_backs_near_the_brokers_limit_are_warned_about_and_kept(
     assert adapter.near_limit == {"m-near": 12}
     with pytest.raises(ConfigurationError, match="transactionCheckMax"):
         RocketMQTransactionalProducer(RocketMQConfig(), ["a"], check_limit=0)
+
+
+@pytest.mark.parametrize(("age_s", "settled"), [(1, True), (120, False)])
+def test_the_guard_row_is_settled_only_after_a_commit_in_time(
+    monkeypatch: pytest.MonkeyPatch, age_s: int, settled: bool,
+) -> None:
+    # A commit the broker took long after the message was built may have come after it
+    # gave up on the half message: the guard row must then stay for the relay.
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(), ["a"])
+    app = outbox.Outbox(sessionmaker(), delivery=adapter)  # 60 s local timeout
+    created = (utcnow() - dt.timedelta(seconds=age_s)).isoformat() + "Z"
+    message = Message(topic="a", payload=b"{}", id="g-1",
+                      headers={"outbox-created-at": created})
+    settles: list[str] = []
+    monkeypatch.setattr(adapter, "_end", lambda *a: True)
+    monkeypatch.setattr(adapter, "_settle_guard", lambda _o, m: settles.append(m.id))
+    ticket = SimpleNamespace(transaction=object(), message=message, guarded=True, outbox=app)
+    adapter._follow_up(ticket, TransactionState.COMMIT)  # type: ignore[arg-type]
+    assert settles == (["g-1"] if settled else [])
