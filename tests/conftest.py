@@ -171,40 +171,35 @@ def mariadb_url() -> Iterator[URL]:
         yield url
 
 
-@pytest.fixture(scope="session")
-def rocketmq_endpoints() -> str:
-    """The RocketMQ proxy (``scripts/rocketmq up``), from OUTBOX_TEST_ROCKETMQ_ENDPOINTS."""
+def _listening(variable: str, what: str, how: str) -> str:
+    """The address in ``variable`` once something accepts connections there; else a
+    failure in CI (a skip elsewhere) saying ``how`` to start it."""
     import socket
 
-    endpoints = os.environ.get("OUTBOX_TEST_ROCKETMQ_ENDPOINTS")
-    if not endpoints:
-        unavailable("OUTBOX_TEST_ROCKETMQ_ENDPOINTS is not set; run scripts/rocketmq up")
-    host, _, port = endpoints.split(";")[0].rpartition(":")
+    address = os.environ.get(variable)
+    if not address:
+        unavailable(f"{variable} is not set; {how}")
+    host, _, port = address.split(";")[0].rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
-        unavailable(f"RocketMQ proxy {endpoints} is not reachable ({exc}); "
-                    "run scripts/rocketmq up")
-    return endpoints
+        unavailable(f"{what} {address} is not reachable ({exc}); {how}")
+    return address
+
+
+@pytest.fixture(scope="session")
+def rocketmq_endpoints() -> str:
+    """The RocketMQ proxy (``scripts/rocketmq up``), from OUTBOX_TEST_ROCKETMQ_ENDPOINTS."""
+    return _listening("OUTBOX_TEST_ROCKETMQ_ENDPOINTS", "RocketMQ proxy",
+                      "run scripts/rocketmq up")
 
 
 @pytest.fixture(scope="session")
 def rocketmq4_namesrv() -> str:
     """The RocketMQ 4.9 name server (``scripts/rocketmq4 up``), from
     OUTBOX_TEST_ROCKETMQ4_NAMESRV."""
-    import socket
-
-    namesrv = os.environ.get("OUTBOX_TEST_ROCKETMQ4_NAMESRV")
-    if not namesrv:
-        unavailable("OUTBOX_TEST_ROCKETMQ4_NAMESRV is not set; run scripts/rocketmq4 up and "
-                    'eval "$(scripts/rocketmq4 env)"')
-    host, _, port = namesrv.split(";")[0].rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as exc:
-        unavailable(f"RocketMQ 4 name server {namesrv} is not reachable ({exc}); "
-                    "run scripts/rocketmq4 up")
-    return namesrv
+    return _listening("OUTBOX_TEST_ROCKETMQ4_NAMESRV", "RocketMQ 4 name server",
+                      'run scripts/rocketmq4 up and eval "$(scripts/rocketmq4 env)"')
 
 
 @pytest.fixture(scope="session")

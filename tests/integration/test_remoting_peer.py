@@ -223,24 +223,18 @@ def test_sends_go_round_the_queues_and_an_unknown_answer_is_an_error(peer_factor
     finally:
         client.close()
 
-    odd = peer_factory(broker_behaviour(lambda: holder["b"], send_code=4242))
-    holder["b"] = odd.address
-    client = RemotingClient(odd.address, producer_group="g")
-    try:
-        with pytest.raises(RemotingError, match="code 4242"):
-            client.send("t", b"{}", {})
-    finally:
-        client.close()
-
-    refused = peer_factory(broker_behaviour(lambda: holder["c"],
-                                            send_code=ResponseCode.MESSAGE_ILLEGAL))
-    holder["c"] = refused.address
-    client = RemotingClient(refused.address, producer_group="g")
-    try:
-        with pytest.raises(PublishError, match="refused"):
-            client.send("t", b"{}", {})
-    finally:
-        client.close()
+    for name, (code, error, words) in {
+        "odd": (4242, RemotingError, "code 4242"),
+        "refused": (ResponseCode.MESSAGE_ILLEGAL, PublishError, "refused"),
+    }.items():
+        other = peer_factory(broker_behaviour(lambda n=name: holder[n], send_code=code))
+        holder[name] = other.address
+        client = RemotingClient(other.address, producer_group="g")
+        try:
+            with pytest.raises(error, match=words):
+                client.send("t", b"{}", {})
+        finally:
+            client.close()
 
 
 def test_a_check_back_from_the_broker_is_answered_with_end_transaction(
