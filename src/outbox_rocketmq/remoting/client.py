@@ -8,10 +8,13 @@ speaks the same protocol on its remoting port.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import itertools
 import json
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -155,8 +158,28 @@ Checker = Callable[[StoredMessage], int]
 
 
 def new_unique_key() -> str:
-    """A message's unique key (the ``UNIQ_KEY`` property), 32 hex digits."""
-    return uuid.uuid4().hex.upper()
+    """A message's unique key (the ``UNIQ_KEY`` property): 32 hex digits in the Java
+    client's layout (IPv4 address, process id, a random number fixed per process,
+    milliseconds since the start of the month, a counter), because the broker, the
+    Java client and the console read a time out of it to look the message up by id
+    (a random key would send that search to the wrong time and find nothing)."""
+    now = time.time()
+    month = dt.datetime.fromtimestamp(now).astimezone().replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0)
+    since = max(0, int(now * 1000) - int(month.timestamp() * 1000))
+    return (_key_prefix() + struct.pack(">iH", since, next(_key_counter) & 0xFFFF)).hex().upper()
+
+
+@functools.cache
+def _key_prefix() -> bytes:
+    try:
+        ip = socket.inet_aton(_local_ip())
+    except OSError:
+        ip = bytes([127, 0, 0, 1])
+    return ip + struct.pack(">H", os.getpid() & 0xFFFF) + uuid.uuid4().bytes[:4]
+
+
+_key_counter = itertools.count(int.from_bytes(uuid.uuid4().bytes[:2], "big"))
 
 
 class RemotingClient:
