@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-postgres demo-mariadb demo-rocketmq chaos bench model-check test lint services services-down clean
+.PHONY: demo demo-postgres demo-mariadb demo-rocketmq demo-rocketmq4 chaos bench model-check test lint services services-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo-mariadb: $(STAMP) services
 demo-rocketmq: $(STAMP)
 	scripts/rocketmq up
 	PYTHONPATH=examples $(PY) -m bank_transfer.demo --transport rocketmq
+
+# The same over a RocketMQ 4.9 broker, reached over the remoting protocol.
+demo-rocketmq4: $(STAMP)
+	scripts/rocketmq4 up
+	eval "$$(scripts/rocketmq4 env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
+	  --transport rocketmq --rocketmq-namesrv "$$OUTBOX_TEST_ROCKETMQ4_NAMESRV"
 
 # The services under faults (kills, outages, hostile messages) on every database and
 # adapter; ends with a CHAOS line, non-zero when anything was lost or duplicated.

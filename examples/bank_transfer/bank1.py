@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     producer: RocketMQTransactionalProducer | None = None
     subscriber: AsyncSubscriber
     if args.transport == ROCKETMQ:
-        config = rocketmq_config(args.rocketmq_endpoints)
+        config = rocketmq_config(args.rocketmq_endpoints, args.rocketmq_namesrv)
         subscriber = AsyncRocketMQSubscriber(config, REFUND_TOPIC, args.refund_group,
                                              dead_letter_topic=REFUND_DEAD_LETTER_TOPIC)
         if not args.outbox_only:

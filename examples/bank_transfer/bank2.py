@@ -255,13 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     publisher: Publisher
     rocketmq: RocketMQSubscriber | None = None
     if args.transport == ROCKETMQ:
-        config = rocketmq_config(args.rocketmq_endpoints)
+        config = rocketmq_config(args.rocketmq_endpoints, args.rocketmq_namesrv)
         rocketmq = subscriber = RocketMQSubscriber(
             config, TOPIC, args.group,
             dead_letter_topic=DEAD_LETTER_TOPIC, invisible_seconds=args.redelivery_seconds,
         )
         publisher = RocketMQPublisher(config, [REFUND_TOPIC])
-        where = f"rocketmq {args.rocketmq_endpoints}"
+        where = f"rocketmq {config.where}"
     else:
         transport_engine = create_engine(args.transport_db)
         transport = SqlTransport(transport_engine, poll_interval=args.poll_interval)

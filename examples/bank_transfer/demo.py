@@ -77,7 +77,18 @@ class Broker:
     """
 
     endpoints: str
+    namesrv: str | None = None
     run_id: str = field(default_factory=lambda: "r" + secrets.token_hex(4))
+
+    @property
+    def where(self) -> str:
+        return f"name server {self.namesrv}" if self.namesrv else f"proxy {self.endpoints}"
+
+    @property
+    def args(self) -> list[str]:
+        """The services' options to reach this broker."""
+        extra = ["--rocketmq-namesrv", self.namesrv] if self.namesrv else []
+        return ["--transport", ROCKETMQ, "--rocketmq-endpoints", self.endpoints, *extra]
 
     @property
     def group(self) -> str:
@@ -176,7 +187,7 @@ def publish_again(bank1: Engine, transport: SqlTransport, timeout: float = 30.0)
     return sent[0].id
 
 
-def publish_again_rocketmq(bank1: Engine, endpoints: str) -> str:
+def publish_again_rocketmq(bank1: Engine, broker: Broker) -> str:
     """Publish bank1's first committed transfer onto RocketMQ once more, same id.
 
     With half messages bank1's outbox table stays empty (unless the broker was
@@ -194,7 +205,7 @@ def publish_again_rocketmq(bank1: Engine, endpoints: str) -> str:
         payload=JsonCodec().encode(
             transfer_message(row.transfer_no, row.from_account, row.to_account, row.amount)),
     )
-    publisher = RocketMQPublisher(rocketmq_config(endpoints), [TOPIC])
+    publisher = RocketMQPublisher(rocketmq_config(broker.endpoints, broker.namesrv), [TOPIC])
     try:
         publisher.publish(message)
     finally:
@@ -300,6 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--transport-db", help="SQL transport URL (default: run folder/broker.db)")
     parser.add_argument("--rocketmq-endpoints", default=DEFAULT_ENDPOINTS,
                         help=f"the RocketMQ gRPC proxy (default {DEFAULT_ENDPOINTS})")
+    parser.add_argument("--rocketmq-namesrv", default=None,
+                        help="a RocketMQ 4.x name server: the services reach its brokers over "
+                             "the remoting protocol instead of the proxy")
     parser.add_argument("--port", type=int, default=0, help="bank1's port (default: a free one)")
     parser.add_argument("--settle-timeout", type=float, default=60.0, help="seconds (default 60)")
     args = parser.parse_args(argv)
@@ -354,8 +368,9 @@ def check_proxy(endpoints: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=3.0).close()
     except (OSError, ValueError) as exc:
-        raise ServiceFailed(f"no RocketMQ proxy answers at {endpoints} ({exc}); "
-                            "start one with scripts/rocketmq up") from None
+        raise ServiceFailed(f"no RocketMQ proxy or name server answers at {endpoints} "
+                            f"({exc}); start one with scripts/rocketmq up (5.x) or "
+                            "scripts/rocketmq4 up (4.x)") from None
 
 
 def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
@@ -364,10 +379,10 @@ def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
     group for bank2, and bank2's report file instead of the SQL transport's tables."""
     bank1, bank2 = create_engine(urls["bank1"]), create_engine(urls["bank2"])
     report_path = workdir / REPORT_FILE
-    transport_args = ["--transport", ROCKETMQ, "--rocketmq-endpoints", broker.endpoints]
+    transport_args = broker.args
     children: list[Child] = []
     try:
-        check_proxy(broker.endpoints)
+        check_proxy(broker.namesrv or broker.endpoints)
         setup(bank1, "bank1", reset=True)
         setup(bank2, "bank2", reset=True)
         run.before = balances(bank1, bank2)
@@ -385,7 +400,7 @@ def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
         say(f"services started: bank1 on {base}, relay, bank2 (consumer group {broker.group})")
         with httpx.Client(base_url=base, timeout=30.0) as client:
             send_transfers(client, run, broker.transfer_no)
-        publish_again_rocketmq(bank1, broker.endpoints)
+        publish_again_rocketmq(bank1, broker)
         run.settled = wait_settled_rocketmq(bank1, bank2, report_path, children, settle_timeout)
         report = read_report(report_path)
         if report is None:
@@ -413,9 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f"run folder: {workdir}")
     for name, url in urls.items():
         say(f"{name + ' database:':<20}{safe_url(url)}")
-    broker = Broker(args.rocketmq_endpoints) if args.transport == ROCKETMQ else None
+    broker = (Broker(args.rocketmq_endpoints, args.rocketmq_namesrv)
+              if args.transport == ROCKETMQ else None)
     if broker is not None:
-        say(f"transport:          RocketMQ at {broker.endpoints}, topic {TOPIC}, "
+        say(f"transport:          RocketMQ at {broker.where}, topic {TOPIC}, "
             f"consumer group {broker.group}")
         say(f"run id:             {broker.run_id} (transfer numbers "
             f"{broker.transfer_no('TX-0001')} ...)")

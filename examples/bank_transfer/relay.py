@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     transport_engine: Engine | None = None
     if args.transport == ROCKETMQ:
         # Connects on the first row to publish: normal sends to the MIXED topic.
-        publisher = RocketMQPublisher(rocketmq_config(args.rocketmq_endpoints), [TOPIC])
-        where = f"rocketmq {args.rocketmq_endpoints}"
+        config = rocketmq_config(args.rocketmq_endpoints, args.rocketmq_namesrv)
+        publisher = RocketMQPublisher(config, [TOPIC])
+        where = f"rocketmq {config.where}"
     else:
         transport_engine = create_engine(args.transport_db)
         publisher = SqlTransport(transport_engine).publisher()

@@ -2,7 +2,8 @@
 
 Every service takes ``--transport sql`` (the default: a queue table in the database
 given by ``--transport-db``) or ``--transport rocketmq`` (a RocketMQ 5 broker,
-reached through its gRPC proxy at ``--rocketmq-endpoints``).
+reached through its gRPC proxy at ``--rocketmq-endpoints``, or a 4.x one through its
+name server at ``--rocketmq-namesrv``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ ROCKETMQ: Final = "rocketmq"
 TRANSPORTS: Final = (SQL, ROCKETMQ)
 DEFAULT_ENDPOINTS: Final = "127.0.0.1:8081"
 ENDPOINTS_ENV: Final = "BANK_TRANSFER_ROCKETMQ_ENDPOINTS"
+NAMESRV_ENV: Final = "BANK_TRANSFER_ROCKETMQ_NAMESRV"
+#: The producer group of the services' half messages on 4.x.
+PRODUCER_GROUP: Final = "bank-transfer-producer"
 
 
 def add_transport_options(parser: argparse.ArgumentParser, transport_db_help: str | None) -> None:
@@ -35,6 +39,12 @@ def add_transport_options(parser: argparse.ArgumentParser, transport_db_help: st
         help=f"host:port of the RocketMQ gRPC proxy, with --transport rocketmq "
              f"(default {DEFAULT_ENDPOINTS}, or set {ENDPOINTS_ENV})",
     )
+    parser.add_argument(
+        "--rocketmq-namesrv", default=os.environ.get(NAMESRV_ENV),
+        help=f"host:port of a RocketMQ 4.x name server, with --transport rocketmq: the "
+             f"brokers are reached over the remoting protocol instead of the proxy "
+             f"(or set {NAMESRV_ENV})",
+    )
 
 
 def check_transport_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -43,6 +53,9 @@ def check_transport_options(parser: argparse.ArgumentParser, args: argparse.Name
         parser.error("--transport sql needs --transport-db (or BANK_TRANSFER_TRANSPORT_DB)")
 
 
-def rocketmq_config(endpoints: str) -> RocketMQConfig:
-    """The adapter's configuration for a broker without ACL (as the demo's)."""
+def rocketmq_config(endpoints: str, namesrv: str | None = None) -> RocketMQConfig:
+    """The adapter's configuration for a broker without ACL (as the demo's): through
+    the 5.x proxy, or straight to 4.x brokers when a name server is given."""
+    if namesrv:
+        return RocketMQConfig(namesrv=namesrv, producer_group=PRODUCER_GROUP)
     return RocketMQConfig(endpoints=endpoints)

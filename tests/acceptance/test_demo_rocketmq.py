@@ -52,6 +52,24 @@ def test_demo_over_rocketmq(tmp_path: Path, rocketmq_endpoints: str) -> None:
         assert not any(workdir.glob("*.db-journal"))
 
 
+@pytest.mark.slow
+@pytest.mark.rocketmq4
+def test_demo_over_rocketmq_4(tmp_path: Path, rocketmq4_namesrv: str) -> None:
+    # RocketMQ 4.9 through its name server: the remoting client for the half
+    # messages, the relay and both consumers. A second run must not count the first's.
+    for name in ("first", "second"):
+        workdir = tmp_path / name
+        code, output = run_demo(workdir, "--transport", "rocketmq",
+                                "--rocketmq-namesrv", rocketmq4_namesrv, timeout=TIMEOUT)
+        lines = output.strip().splitlines()
+        assert lines and lines[-1] == EXPECTED, output
+        assert code == 0, output
+        assert f"name server {rocketmq4_namesrv}" in output
+        report = read_report(workdir / "bank2-report.json")
+        assert report is not None
+        assert (report.processed, report.duplicates, report.dead_lettered) == (12, 1, 0), report
+
+
 def test_bank2_takes_only_the_transfers_of_its_run(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'bank2.db'}")
     setup(engine, "bank2")
