@@ -117,13 +117,17 @@ class ClaimedRow:
     message: Message
 
 
+def stored_message(message_id: str, topic: str, payload: bytes, key: str | None,
+                   tag: str | None, headers: str) -> Message:
+    """The :class:`Message` of an outbox row's columns (checked when it was written)."""
+    return Message.stored(id=message_id, topic=topic, payload=bytes(payload), key=key,
+                          tag=tag, headers=decode_headers(headers))
+
+
 def to_message(row: object) -> Message:
     """Rebuild the :class:`Message` an outbox row holds (checked when it was written)."""
     r: Any = row
-    return Message.stored(
-        id=r.message_id, topic=r.topic, payload=bytes(r.payload), key=r.key, tag=r.tag,
-        headers=decode_headers(r.headers),
-    )
+    return stored_message(r.message_id, r.topic, r.payload, r.key, r.tag, r.headers)
 
 
 def _in_list(column: Any, name: str, postgres: bool) -> ColumnElement[bool]:
@@ -206,29 +210,25 @@ def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRo
     """
     lock_for_writing(conn, T)
     dialect = dialect_name(conn)
+    due, earlier_rows = _claim_statements(dialect, supports_skip_locked(conn))
+    # PostgreSQL checks the same-key rows inside the claim; elsewhere a second query.
+    claim_statement = _claim_in_one() if dialect == "postgresql" else due
+    rows = sorted(conn.execute(claim_statement, {"now": now, "batch": batch_size}).all(),
+                  key=lambda r: r.seq)
     first_foreign: dict[str, int] = {}
-    if dialect == "postgresql":
-        rows = sorted(conn.execute(_claim_in_one(), {"now": now, "batch": batch_size}).all(),
-                      key=lambda r: r.seq)
-    else:
-        due, earlier_rows = _claim_statements(dialect, supports_skip_locked(conn))
-        rows = sorted(conn.execute(due, {"now": now, "batch": batch_size}).all(),
-                      key=lambda r: r.seq)
-        keys = {r.key for r in rows if r.key is not None}
-        if keys:
-            mine = {r.seq for r in rows}
-            # Pending rows seen here but not claimed are locked by another relay, were
-            # added meanwhile, or came due later than the batch's last (a replayed
-            # row); a row that died since the query above parks too.
-            earlier = conn.execute(earlier_rows, {"keys": list(keys), "top": rows[-1].seq})
-            for seq, key in earlier:
-                if seq not in mine and seq < first_foreign.get(key, seq + 1):
-                    first_foreign[key] = seq
+    keys = {r.key for r in rows if r.key is not None}
+    if keys and dialect != "postgresql":
+        mine = {r.seq for r in rows}
+        # Pending rows seen here but not claimed are locked by another relay, were
+        # added meanwhile, or came due later than the batch's last (a replayed row);
+        # a row that died since the query above parks too.
+        earlier = conn.execute(earlier_rows, {"keys": list(keys), "top": rows[-1].seq})
+        for seq, key in earlier:
+            if seq not in mine and seq < first_foreign.get(key, seq + 1):
+                first_foreign[key] = seq
     # Unpacked in the select's column order: the relay's hottest loop.
     return [
-        ClaimedRow(seq, attempts, Message.stored(
-            id=message_id, topic=topic, payload=bytes(payload), key=key, tag=tag,
-            headers=decode_headers(headers)))
+        ClaimedRow(seq, attempts, stored_message(message_id, topic, payload, key, tag, headers))
         for seq, message_id, topic, key, tag, headers, payload, attempts in rows
         if key is None or seq < first_foreign.get(key, seq + 1)
     ]

@@ -35,6 +35,12 @@ MESSAGE_ID_PROPERTY = "OUTBOX_MESSAGE_ID"
 HEADERS_PROPERTY = "OUTBOX_HEADERS"
 #: The prefix of the framework's own properties.
 PROPERTY_PREFIX = "OUTBOX_"
+#: What a dead-letter copy carries besides the original's properties: why, for which
+#: group, from which topic, and RocketMQ's own id of the original.
+DEAD_REASON_PROPERTY = "OUTBOX_DEAD_REASON"
+DEAD_GROUP_PROPERTY = "OUTBOX_DEAD_GROUP"
+ORIGINAL_TOPIC_PROPERTY = "OUTBOX_ORIGINAL_TOPIC"
+ORIGINAL_ID_PROPERTY = "OUTBOX_ORIGINAL_ID"
 #: The header that lists every key of a received message (space-separated, sorted);
 #: ``Message.key`` is the first of them.
 KEYS_HEADER = f"{INTERNAL_PREFIX}keys"
@@ -120,6 +126,24 @@ def headers_of(properties: Mapping[str, str], keys: Sequence[str] = ()) -> dict[
     if len(keys) > 1:
         headers[KEYS_HEADER] = " ".join(keys)
     return headers
+
+
+def dead_letter_properties(properties: Mapping[str, str], *, message_id: str | None,
+                           original_id: str | None, reason: str, group: str,
+                           topic: str) -> dict[str, str]:
+    """The user properties of a dead-letter copy: the original's (RocketMQ's own and
+    blank ones left out), its de-duplication id as the outbox message id, RocketMQ's
+    id of the original, and why."""
+    out = {name: value for name, value in properties.items()
+           if value.strip() and name.upper() not in RESERVED_PROPERTIES}
+    if message_id:
+        out[MESSAGE_ID_PROPERTY] = message_id
+    if original_id:
+        out[ORIGINAL_ID_PROPERTY] = str(original_id)
+    out[DEAD_REASON_PROPERTY] = reason.strip() or "no reason given"
+    out[DEAD_GROUP_PROPERTY] = group
+    out[ORIGINAL_TOPIC_PROPERTY] = topic
+    return out
 
 
 def ordered_keys(keys: Iterable[str] | str | None) -> tuple[str, ...]:

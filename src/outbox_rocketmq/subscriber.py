@@ -21,7 +21,7 @@ from outbox.transport import Delivery
 from ._aio import BlockingCalls
 from ._client import client_configuration, rocketmq, shutdown_quietly, to_delivery, wrap_error
 from .config import RocketMQConfig
-from .mapping import MESSAGE_ID_PROPERTY, MessageIdFrom, ordered_keys
+from .mapping import MessageIdFrom, dead_letter_properties, ordered_keys
 from .remoting.consumer import RemotingSubscriber
 
 log = get_logger("outbox.rocketmq")
@@ -31,9 +31,6 @@ MIN_INVISIBLE_SECONDS = 10
 #: How long after startup "no settings" from the proxy means "not yet" rather than
 #: "the proxy forgot this client" (it restarted).
 SETTINGS_GRACE_SECONDS = 10.0
-DEAD_REASON_PROPERTY = "OUTBOX_DEAD_REASON"
-#: RocketMQ's own id of the message a dead-letter copy was made of.
-ORIGINAL_ID_PROPERTY = "OUTBOX_ORIGINAL_ID"
 #: How long a fetch waits when the proxy has not got a young client's settings yet.
 NOT_YET_SECONDS = 0.2
 
@@ -159,16 +156,11 @@ class RocketMQSubscriber:
             copy.tag = original.tag
         for key in ordered_keys(original.keys):
             copy.keys = key  # the client's setter adds one key at a time
-        for name, value in dict(original.properties or {}).items():
-            if value and value.strip():
-                copy.add_property(name, value)
-        if delivery.message_id:
-            copy.add_property(MESSAGE_ID_PROPERTY, delivery.message_id)
-        if original.message_id:
-            copy.add_property(ORIGINAL_ID_PROPERTY, str(original.message_id))
-        copy.add_property(DEAD_REASON_PROPERTY, reason.strip() or "no reason given")
-        copy.add_property("OUTBOX_DEAD_GROUP", self.group)
-        copy.add_property("OUTBOX_ORIGINAL_TOPIC", self.topic)
+        for name, value in dead_letter_properties(
+                dict(original.properties or {}), message_id=delivery.message_id,
+                original_id=original.message_id, reason=reason, group=self.group,
+                topic=self.topic).items():
+            copy.add_property(name, value)
         return copy
 
     def _dead_letter_producer(self) -> Any:

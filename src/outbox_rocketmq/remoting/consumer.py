@@ -22,7 +22,7 @@ from outbox.errors import ConfigurationError
 from outbox.log import get_logger
 from outbox.transport import Delivery
 
-from ..mapping import MessageIdFrom, Received, ordered_keys
+from ..mapping import MessageIdFrom, Received, dead_letter_properties, ordered_keys
 from ..mapping import to_delivery as mapped_delivery
 from .client import MessageQueue, RemotingClient
 from .connection import RemotingError
@@ -245,16 +245,9 @@ class RemotingSubscriber:
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         stored: StoredMessage = delivery.handle.stored
-        properties = {k: v for k, v in stored.properties.items()
-                      if v.strip() and k not in ("UNIQ_KEY", "KEYS", "TAGS", "WAIT",
-                                                  "RETRY_TOPIC", "REAL_TOPIC", "REAL_QID",
-                                                  "DELAY", "MIN_OFFSET", "MAX_OFFSET",
-                                                  "TRAN_MSG", "PGROUP")}
-        if delivery.message_id:
-            properties["OUTBOX_MESSAGE_ID"] = delivery.message_id
-        properties.update({"OUTBOX_ORIGINAL_ID": stored.msg_id,
-                           "OUTBOX_DEAD_REASON": reason.strip() or "no reason given",
-                           "OUTBOX_DEAD_GROUP": self.group, "OUTBOX_ORIGINAL_TOPIC": self.topic})
+        properties = dead_letter_properties(
+            stored.properties, message_id=delivery.message_id, original_id=stored.msg_id,
+            reason=reason, group=self.group, topic=self.topic)
         self.client.send(self.dead_letter_topic, stored.body or b"-", properties,
                          tag=stored.tag, keys=stored.keys)
         self._done(delivery)
