@@ -19,7 +19,7 @@ from outbox.message import Message, TransactionState
 from ._client import client_configuration, received, rocketmq, shutdown_quietly, to_rocketmq
 from ._client import wrap_error as grpc_error
 from .config import RocketMQConfig
-from .mapping import Received, ordered_keys, properties_of
+from .mapping import Received, properties_of, received_stored
 from .remoting.client import RemotingClient, SendResult
 from .remoting.protocol import (
     TRANSACTION_COMMIT_TYPE,
@@ -38,6 +38,15 @@ class HalfSender(Protocol):
     def send(self, message: Message) -> None:
         """A plain (not transactional) send through the same client."""
     def shutdown(self) -> None: ...
+
+
+def send_message(client: RemotingClient, message: Message, *,
+                 transactional: bool = False) -> SendResult:
+    """Send an outbox message over the remoting protocol (a half message with
+    ``transactional``)."""
+    return client.send(message.topic, message.payload, properties_of(message),
+                       tag=message.tag, keys=[message.key] if message.key else (),
+                       transactional=transactional)
 
 
 class GrpcHalfSender:
@@ -94,9 +103,7 @@ class RemotingHalfSender:
                   TransactionState.ROLLBACK: TRANSACTION_ROLLBACK_TYPE}
 
         def check(stored: StoredMessage) -> int:
-            got = Received(topic=stored.topic, body=stored.body, keys=ordered_keys(stored.keys),
-                           properties=stored.properties, rocketmq_id=stored.msg_id)
-            return states.get(answer(got, stored.tag), TRANSACTION_NOT_TYPE)
+            return states.get(answer(received_stored(stored), stored.tag), TRANSACTION_NOT_TYPE)
 
         assert config.namesrv is not None
         self.client = RemotingClient(config.namesrv, producer_group=config.producer_group,
@@ -104,16 +111,13 @@ class RemotingHalfSender:
         self.client.start(topics)
 
     def send_half(self, message: Message) -> SendResult:
-        return self.client.send(message.topic, message.payload, properties_of(message),
-                                tag=message.tag, keys=[message.key] if message.key else (),
-                                transactional=True)
+        return send_message(self.client, message, transactional=True)
 
     def end(self, handle: Any, commit: bool) -> None:
         self.client.end_transaction(handle, commit)
 
     def send(self, message: Message) -> None:
-        self.client.send(message.topic, message.payload, properties_of(message),
-                         tag=message.tag, keys=[message.key] if message.key else ())
+        send_message(self.client, message)
 
     def shutdown(self) -> None:
         self.client.close()
@@ -131,8 +135,7 @@ class RemotingPlainSender:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="outbox-rmq-send")
 
     def send(self, message: Message) -> SendResult:
-        return self.client.send(message.topic, message.payload, properties_of(message),
-                                tag=message.tag, keys=[message.key] if message.key else ())
+        return send_message(self.client, message)
 
     def send_async(self, message: Message) -> Future[SendResult]:
         return self._pool.submit(self.send, message)

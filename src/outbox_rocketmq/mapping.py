@@ -28,6 +28,8 @@ from outbox.errors import ConfigurationError
 from outbox.message import Message
 from outbox.transport import Delivery
 
+from .remoting.protocol import StoredMessage
+
 #: The user property carrying the outbox message id.
 MESSAGE_ID_PROPERTY = "OUTBOX_MESSAGE_ID"
 #: The user property carrying, as one JSON object, the headers that cannot be
@@ -168,6 +170,14 @@ class Received:
     keys: tuple[str, ...]
     properties: Mapping[str, str]
     rocketmq_id: str | None = None
+
+
+def received_stored(stored: StoredMessage, topic: str | None = None) -> Received:
+    """What the mapping reads of a message a 4.x broker sent (pulled, or checked
+    back), as a message of ``topic`` (a retried one comes from the group's retry topic)."""
+    return Received(topic=topic or stored.topic, body=stored.body,
+                    keys=ordered_keys(stored.keys), properties=stored.properties,
+                    rocketmq_id=stored.msg_id)
 
 
 #: An id source: the de-duplication id of a received message, or None.

@@ -22,7 +22,7 @@ from outbox.errors import ConfigurationError
 from outbox.log import get_logger
 from outbox.transport import Delivery
 
-from ..mapping import MessageIdFrom, Received, dead_letter_properties, ordered_keys
+from ..mapping import MessageIdFrom, dead_letter_properties, received_stored
 from ..mapping import to_delivery as mapped_delivery
 from .client import MessageQueue, RemotingClient
 from .connection import RemotingError
@@ -206,9 +206,7 @@ class RemotingSubscriber:
     def _delivery(self, topic: str, queue: MessageQueue, stored: StoredMessage) -> Delivery:
         # A retried message comes from the group's retry topic; it is still a
         # message of the original topic.
-        original = stored.properties.get("RETRY_TOPIC", stored.topic)
-        received = Received(topic=original, body=stored.body, keys=ordered_keys(stored.keys),
-                            properties=stored.properties, rocketmq_id=stored.msg_id)
+        received = received_stored(stored, stored.properties.get("RETRY_TOPIC"))
         return mapped_delivery(received, stored.tag, stored.reconsume_times + 1,
                                _Handle(topic, queue, stored), self.message_id_from)
 
