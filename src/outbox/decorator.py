@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .envelope import CREATED_AT_HEADER, check_user_headers
+from .envelope import CREATED_AT_HEADER, check_user_headers, format_utc
 from .errors import ConfigurationError, MessageError, MisuseError
 from .message import Message
 from .schema import utcnow
@@ -76,7 +76,7 @@ def build_message(
 ) -> Message:
     """The message for ``body``, stamped with its creation time (for check-backs)."""
     check_user_headers(headers)
-    msg_headers = {**(headers or {}), CREATED_AT_HEADER: utcnow().isoformat() + "Z"}
+    msg_headers = {**(headers or {}), CREATED_AT_HEADER: format_utc(utcnow())}
     key_text = as_text("key", key)
     if message_id is RANDOM_ID:
         return Message(topic=topic, payload=codec.encode(body), key=key_text, tag=tag,

@@ -8,6 +8,7 @@ header may not, so the two never collide.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Mapping
 
@@ -18,6 +19,35 @@ INTERNAL_PREFIX = "outbox-"
 #: The UTC ISO time a message was built (before its transaction ran), e.g.
 #: "2026-12-01T09:30:00.123456Z" (earlier versions wrote it without the "Z").
 CREATED_AT_HEADER = "outbox-created-at"
+#: The UTC ISO time before which the message must not be delivered, same format.
+DELIVER_AT_HEADER = "outbox-deliver-at"
+
+
+def parse_utc(raw: str | None) -> dt.datetime | None:
+    """A header's ISO time as naive UTC (the framework's clock), None if absent or
+    unreadable."""
+    if raw is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return when
+
+
+def format_utc(when: dt.datetime) -> str:
+    """Naive UTC (or an aware time) as the headers' ISO form, ending in "Z"."""
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return when.isoformat() + "Z"
+
+
+def delivery_time(headers: Mapping[str, str]) -> dt.datetime | None:
+    """When a message asked to be delivered (naive UTC), from its headers; None for
+    "at once"."""
+    return parse_utc(headers.get(DELIVER_AT_HEADER))
 
 
 def encode_headers(headers: Mapping[str, str]) -> str:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .envelope import CREATED_AT_HEADER as ENVELOPE_CREATED_AT
+from .envelope import parse_utc
 from .errors import MisuseError, TransactionOutcomeUnknown, TransactionRolledBack
 from .log import get_logger
 from .message import Message, TransactionState
@@ -184,17 +185,9 @@ class SqlAlchemyTransactionListener:
 
 
 def message_created_at(message: Message) -> dt.datetime | None:
-    """When the message was built, from the header every outbox message carries."""
-    raw = message.headers.get(CREATED_AT_HEADER)
-    if raw is None:
-        return None
-    try:
-        created = dt.datetime.fromisoformat(raw)
-    except ValueError:
-        return None
-    if created.tzinfo is not None:  # "...Z" since this version; naive UTC before
-        created = created.astimezone(dt.UTC).replace(tzinfo=None)
-    return created
+    """When the message was built, from the header every outbox message carries
+    ("...Z" now; naive UTC in older rows)."""
+    return parse_utc(message.headers.get(CREATED_AT_HEADER))
 
 
 #: The transaction-log row's INSERT, built once.
