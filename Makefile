@@ -4,6 +4,7 @@
 #                 the whole suite
 PYTHON ?= python3
 RMQ_ENDPOINTS ?= 127.0.0.1:8081
+RMQ_NAMESRV ?= 127.0.0.1:9876
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -82,7 +83,8 @@ model-check:
 test: $(STAMP) services lint
 	scripts/model-check --install
 	eval "$$(scripts/services env)"; eval "$$(scripts/rocketmq4 env)"; \
-	  OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) $(PY) -m pytest
+	  OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) OUTBOX_TEST_ROCKETMQ_NAMESRV=$(RMQ_NAMESRV) \
+	  $(PY) -m pytest
 
 clean:
 	rm -rf .demo .chaos .model-check .pytest_cache .mypy_cache .ruff_cache

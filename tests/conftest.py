@@ -195,6 +195,15 @@ def rocketmq_endpoints() -> str:
 
 
 @pytest.fixture(scope="session")
+def rocketmq5_namesrv() -> str:
+    """The name server of the RocketMQ 5 broker (``scripts/rocketmq up``), for what
+    goes over the remoting protocol to a 5.x broker, from OUTBOX_TEST_ROCKETMQ_NAMESRV."""
+    return _listening("OUTBOX_TEST_ROCKETMQ_NAMESRV", "RocketMQ 5 name server",
+                      "run scripts/rocketmq up and set OUTBOX_TEST_ROCKETMQ_NAMESRV="
+                      "127.0.0.1:9876")
+
+
+@pytest.fixture(scope="session")
 def rocketmq4_namesrv() -> str:
     """The RocketMQ 4.9 name server (``scripts/rocketmq4 up``), from
     OUTBOX_TEST_ROCKETMQ4_NAMESRV."""

@@ -1,5 +1,6 @@
-"""The ``outbox`` command: migrate, inspect, replay, discard, purge, and run a relay
-(of one database, or of several databases in one process: ``relay --db A --db B``).
+"""The ``outbox`` command: migrate, inspect, replay, discard, purge, run a relay (of
+one database, or of several databases in one process: ``relay --db A --db B``), and
+recover the messages of committed transactions that never reached RocketMQ.
 
 Every mistake in the command line or the database URL ends with one line
 ``outbox: error: ...`` that says what to do, and exit status 2; a database error
@@ -19,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
@@ -41,7 +42,11 @@ log = get_logger("outbox.cli")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Commands that read or change an existing database; only ``migrate`` creates one.
-NEEDS_EXISTING = frozenset({"downgrade", "status", "dead", "replay", "discard", "purge", "relay"})
+NEEDS_EXISTING = frozenset({"downgrade", "status", "dead", "replay", "discard", "purge", "relay",
+                            "rocketmq-recover"})
+#: ``rocketmq-recover``'s exit status when it found messages it could not send again
+#: (no outbox row) or could not check (a broker did not answer).
+NEEDS_ATTENTION = 3
 
 
 class UsageError(Exception):
@@ -88,6 +93,23 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give seconds above 0, e.g. 0.5")
     return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age(text: str) -> dt.timedelta:
+    """A time back from now: a number and a unit, e.g. 90s, 30m, 24h, 7d."""
+    unit = _UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1]) if unit else math.nan
+    except ValueError:
+        value = math.nan
+    if unit is None or not math.isfinite(value) or not 0 <= value * unit <= max_days() * 86400:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not allowed; give a time back from now with its unit, e.g. 30m, "
+            "24h or 7d")
+    return dt.timedelta(seconds=value * unit)
 
 
 def max_days() -> int:
@@ -160,11 +182,40 @@ def _parser() -> argparse.ArgumentParser:
                     help="a RocketMQ 5 proxy's gRPC address; name the topics with --topic, "
                          "give ACL credentials as OUTBOX_ROCKETMQ_ACCESS_KEY and "
                          "OUTBOX_ROCKETMQ_SECRET_KEY in the environment")
+    to.add_argument("--rocketmq-namesrv", metavar="HOST:PORT",
+                    help="a RocketMQ name server (4.x, or 5.x without the proxy): the relay "
+                         "talks to the brokers over the remoting protocol; name the topics "
+                         "with --topic")
     c.add_argument("--topic", dest="topics", action="append", default=[],
-                   help="with --rocketmq-endpoints: a topic the rows go to (repeatable)")
+                   help="with --rocketmq-endpoints or --rocketmq-namesrv: a topic the rows "
+                        "go to (repeatable)")
     c.add_argument("--batch-size", type=_whole(1), default=100)
     c.add_argument("--poll-interval", type=_seconds, default=0.5)
     c.add_argument("--max-attempts", type=_whole(1), default=10)
+    c = cmd("rocketmq-recover",
+            "find committed transactions whose messages never reached their RocketMQ "
+            "topic, and send them again through their outbox rows")
+    c.epilog = (
+        "Reads the transaction log (every row is a committed transaction) between --since "
+        "and --until, asks the topic's brokers whether each message is there (their index "
+        "of message keys: every message sent through outbox has its id among its keys), "
+        "and makes the outbox row of each missing one pending and due now; a relay then "
+        "publishes it, and the consumer's inbox drops a copy should the original turn up. "
+        "Prints one line per message it could not send again (no outbox row: the guard "
+        "row was off or purged) and a RECOVER line; exit status 3 when any message needs "
+        "attention. Leave --until well past the broker's check-back window "
+        "(transactionTimeOut + transactionCheckMax x transactionCheckInterval, about 15 "
+        "minutes by default): younger half messages may still be waiting for a check-back.")
+    c.add_argument("--rocketmq-namesrv", metavar="HOST:PORT", required=True,
+                   help="the name server of the brokers (4.x and 5.x alike)")
+    c.add_argument("--topic", dest="topics", action="append", default=[],
+                   help="only these topics (repeatable; default: every topic in the log)")
+    c.add_argument("--since", type=_age, default=dt.timedelta(hours=24), metavar="AGE",
+                   help="how far back to look, e.g. 24h (the default) or 3d")
+    c.add_argument("--until", type=_age, default=dt.timedelta(minutes=30), metavar="AGE",
+                   help="skip transactions younger than this, e.g. 30m (the default)")
+    c.add_argument("--dry-run", action="store_true",
+                   help="report what is missing, change nothing")
     return p
 
 
@@ -280,10 +331,17 @@ def _discard(engine: Engine, args: argparse.Namespace) -> str:
 
 def _publisher(args: argparse.Namespace) -> tuple[Publisher, str]:
     """The relay's publisher and, for the log, where it publishes to."""
+    if args.rocketmq_namesrv is not None:
+        if not args.topics:
+            raise ConfigurationError(
+                "--rocketmq-namesrv needs the topics the rows go to: --topic NAME (repeatable)")
+        RocketMQConfig, RocketMQPublisher = _rocketmq("the RocketMQ relay")
+        return (RocketMQPublisher(RocketMQConfig(namesrv=args.rocketmq_namesrv), args.topics),
+                f"rocketmq name server {args.rocketmq_namesrv}")
     if args.rocketmq_endpoints is None:
         if args.topics:
-            raise ConfigurationError("--topic is for --rocketmq-endpoints; the SQL transport takes "
-                             "every topic")
+            raise ConfigurationError("--topic is for --rocketmq-endpoints and "
+                                     "--rocketmq-namesrv; the SQL transport takes every topic")
         transport = SqlTransport(open_engine(args.transport_db, "--transport-db"))
         transport.create_tables()
         return transport.publisher(), safe_url(transport.engine.url)
@@ -291,15 +349,48 @@ def _publisher(args: argparse.Namespace) -> tuple[Publisher, str]:
         raise ConfigurationError(
             "--rocketmq-endpoints needs the topics the rows go to: --topic NAME "
             "(repeatable; the proxy learns a publisher's topics at its start)")
-    try:
-        from outbox_rocketmq import RocketMQConfig, RocketMQPublisher
-    except ImportError:
-        raise ConfigurationError(
-            'the RocketMQ relay needs its extra: pip install "outbox[rocketmq]"') from None
+    RocketMQConfig, RocketMQPublisher = _rocketmq("the RocketMQ relay")
     config = RocketMQConfig(args.rocketmq_endpoints,
                             access_key=os.environ.get("OUTBOX_ROCKETMQ_ACCESS_KEY"),
                             secret_key=os.environ.get("OUTBOX_ROCKETMQ_SECRET_KEY"))
     return RocketMQPublisher(config, args.topics), f"rocketmq {args.rocketmq_endpoints}"
+
+
+def _rocketmq(what: str) -> Any:
+    """The RocketMQ adapter's config and publisher classes, or an error naming the extra."""
+    try:
+        from outbox_rocketmq import RocketMQConfig, RocketMQPublisher
+    except ImportError:
+        raise ConfigurationError(
+            f'{what} needs its extra: pip install "outbox[rocketmq]"') from None
+    return RocketMQConfig, RocketMQPublisher
+
+
+def _recover(engine: Engine, args: argparse.Namespace) -> int:
+    _rocketmq("rocketmq-recover")
+    from outbox_rocketmq.config import RocketMQConfig
+    from outbox_rocketmq.recover import RecoveryReport, recover
+
+    RocketMQConfig(namesrv=args.rocketmq_namesrv)  # the address checks, one error style
+    now = utcnow()
+    since, until = now - args.since, now - args.until
+
+    def progress(report: RecoveryReport) -> None:
+        print(f"checked {report.checked}: {report.on_topic} on their topic, "
+              f"{report.missing} missing", file=sys.stderr, flush=True)
+
+    report = recover(engine, args.rocketmq_namesrv, since=since, until=until,
+                     topics=args.topics, dry_run=args.dry_run, progress=progress)
+    for message_id in report.no_local_copy:
+        print(f"LOST {message_id}: committed, not on its topic, no outbox row to send "
+              "again: re-issue it")
+    for message_id in report.unanswered:
+        print(f"UNCHECKED {message_id}: a broker did not answer; run again")
+    what = "would send again" if args.dry_run else "sent again"
+    for message_id in report.resent:
+        print(f"RESENT {message_id}: {what} through its outbox row")
+    print(report.line() + (" dry_run=yes" if args.dry_run else ""))
+    return NEEDS_ATTENTION if report.no_local_copy or report.unanswered else 0
 
 
 def _relay_config(args: argparse.Namespace) -> RelayConfig:
@@ -350,22 +441,23 @@ def _run_relay_group(args: argparse.Namespace) -> None:
             engine.dispose()
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
     if args.command == "relay":
         if len(args.dbs) > 1:
-            return _run_relay_group(args)
+            _run_relay_group(args)
+            return 0
         args.db = args.dbs[0]
     engine = open_engine(args.db, must_exist=args.command in NEEDS_EXISTING)
     try:
         if args.command == "migrate":
             _alembic(migrations.upgrade, engine, args.revision)
             print(f"outbox tables at {migrations.current(engine)} in {safe_url(engine.url)}")
-            return
+            return 0
         if args.command == "downgrade":
             _alembic(migrations.downgrade, engine, args.revision)
             print(f"outbox tables at {migrations.current(engine) or 'base'} "
                   f"in {safe_url(engine.url)}")
-            return
+            return 0
         _require_tables(engine)
         if args.command == "status":
             with engine.connect() as conn:
@@ -383,8 +475,11 @@ def _run(args: argparse.Namespace) -> None:
             print(_purge(engine, args.older_than_days, args.batch_size))
         elif args.command == "relay":
             _run_relay(engine, args)
+        elif args.command == "rocketmq-recover":
+            return _recover(engine, args)
     finally:
         engine.dispose()
+    return 0
 
 
 @contextlib.contextmanager
@@ -424,14 +519,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with _logging_to_stderr(args.log_level):
         try:
-            _run(args)
+            status = _run(args)
         except OutboxError as exc:
             print(f"outbox: error: {clean(exc)}", file=sys.stderr)
             return 2
         except SQLAlchemyError as exc:
             print(f"outbox: {_database_error(exc, args)}", file=sys.stderr)
             return 1
-    return 0
+    return status
 
 
 __all__ = ["UsageError", "main", "max_days", "open_engine"]

@@ -23,7 +23,7 @@ from outbox.message import Message
 from outbox.transport import Delivery
 
 from .config import RocketMQConfig
-from .mapping import MessageIdFrom, Received, ordered_keys, properties_of, to_message
+from .mapping import MessageIdFrom, Received, keys_of, ordered_keys, properties_of, to_message
 from .mapping import to_delivery as mapped_delivery
 
 
@@ -83,8 +83,8 @@ def to_rocketmq(message: Message) -> Any:
     out.body = message.payload
     if message.tag:
         out.tag = message.tag
-    if message.key:
-        out.keys = message.key
+    for key in keys_of(message):
+        out.keys = key  # the client adds each to its set of keys
     for name, value in properties_of(message).items():
         out.add_property(name, value)
     return out

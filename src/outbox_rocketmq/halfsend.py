@@ -19,7 +19,7 @@ from outbox.message import Message, TransactionState
 from ._client import client_configuration, received, rocketmq, shutdown_quietly, to_rocketmq
 from ._client import wrap_error as grpc_error
 from .config import RocketMQConfig
-from .mapping import Received, properties_of, received_stored
+from .mapping import Received, keys_of, properties_of, received_stored
 from .remoting.client import RemotingClient, SendResult
 from .remoting.protocol import (
     TRANSACTION_COMMIT_TYPE,
@@ -45,7 +45,7 @@ def send_message(client: RemotingClient, message: Message, *,
     """Send an outbox message over the remoting protocol (a half message with
     ``transactional``)."""
     return client.send(message.topic, message.payload, properties_of(message),
-                       tag=message.tag, keys=[message.key] if message.key else (),
+                       tag=message.tag, keys=keys_of(message),
                        transactional=transactional)
 
 

@@ -1,9 +1,12 @@
 """How an outbox message looks on RocketMQ, for every client (5.x gRPC, 4.x remoting)
 and for the services on the other side, whatever language they are written in.
 
-- body: the payload bytes; tag: the message's tag; keys: its key.
+- body: the payload bytes; tag: the message's tag; keys: its key and its outbox id
+  (so the broker's index finds a message by our id: ``mqadmin queryMsgByKey``, the
+  console, ``outbox rocketmq-recover``).
 - ``OUTBOX_MESSAGE_ID``: the outbox message id (RocketMQ gives every send an id of
-  its own; ours is the one the receivers de-duplicate on).
+  its own; ours is the one the receivers de-duplicate on); ``OUTBOX_KEY``: its key,
+  which of the keys is the message's own.
 - Every header is a user property of its own name, so a Java service reads it
   with ``getUserProperty("traceId")`` and its own properties reach our handlers.
   The framework's headers (``outbox-created-at``) travel as ``OUTBOX_CREATED_AT``.
@@ -32,6 +35,8 @@ from .remoting.protocol import StoredMessage
 
 #: The user property carrying the outbox message id.
 MESSAGE_ID_PROPERTY = "OUTBOX_MESSAGE_ID"
+#: The user property carrying the message key (one of the message's keys).
+KEY_PROPERTY = "OUTBOX_KEY"
 #: The user property carrying, as one JSON object, the headers that cannot be
 #: properties of their own (and every header, in messages of earlier versions).
 HEADERS_PROPERTY = "OUTBOX_HEADERS"
@@ -69,7 +74,7 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 #: An internal header that maps onto an ``OUTBOX_...`` property and back.
 _INTERNAL_NAME = re.compile(re.escape(INTERNAL_PREFIX) + r"[a-z0-9]+(-[a-z0-9]+)*")
 #: The framework's properties that are not headers.
-_STRUCTURAL = frozenset({MESSAGE_ID_PROPERTY, HEADERS_PROPERTY})
+_STRUCTURAL = frozenset({MESSAGE_ID_PROPERTY, KEY_PROPERTY, HEADERS_PROPERTY})
 
 
 def _is_reserved(name: str) -> bool:
@@ -93,9 +98,16 @@ def header_property(name: str) -> str | None:
     return None
 
 
+def keys_of(message: Message) -> list[str]:
+    """The RocketMQ keys a message is sent with: its key, then its id."""
+    return list(dict.fromkeys(k for k in (message.key, message.id) if k))
+
+
 def properties_of(message: Message) -> dict[str, str]:
     """The user properties a message is sent with."""
     properties = {MESSAGE_ID_PROPERTY: message.id}
+    if message.key:
+        properties[KEY_PROPERTY] = message.key
     packed: dict[str, str] = {}
     for name, value in message.headers.items():
         target = header_property(name)
@@ -264,21 +276,38 @@ def _json_field(body: bytes, path: Sequence[str]) -> str | None:
     return None
 
 
+def key_and_keys(received: Received) -> tuple[str | None, tuple[str, ...]]:
+    """A received message's key, and its keys as the handler sees them. Our messages
+    name their key (``OUTBOX_KEY``) and carry their id among the keys, which is left
+    out here; another producer's message gets its first key in sorted order."""
+    keys = received.keys
+    key = None
+    own_id = received.properties.get(MESSAGE_ID_PROPERTY)
+    if own_id is not None:
+        key = received.properties.get(KEY_PROPERTY)
+        keys = tuple(k for k in keys if k != own_id or k == key)
+    if key is None:
+        key = keys[0] if keys else None
+    return key, keys
+
+
 def to_delivery(received: Received, tag: str | None, attempt: int, handle: object,
                 id_from: MessageIdFrom) -> Delivery:
     """A received message as the consumer's :class:`~outbox.transport.Delivery`."""
+    key, keys = key_and_keys(received)
     return Delivery(
         topic=received.topic, payload=received.body, message_id=id_from(received),
-        attempt=attempt, key=received.keys[0] if received.keys else None, tag=tag or None,
-        headers=headers_of(received.properties, received.keys), handle=handle,
+        attempt=attempt, key=key, tag=tag or None,
+        headers=headers_of(received.properties, keys), handle=handle,
     )
 
 
 def to_message(received: Received, tag: str | None) -> Message:
     """The outbox message inside a received (or checked-back) message; raises
     MessageError when it is not one of ours (no outbox id)."""
+    key, keys = key_and_keys(received)
     return Message(
         id=received.properties.get(MESSAGE_ID_PROPERTY) or "", topic=received.topic,
-        payload=received.body, key=received.keys[0] if received.keys else None,
-        tag=tag or None, headers=headers_of(received.properties, received.keys),
+        payload=received.body, key=key, tag=tag or None,
+        headers=headers_of(received.properties, keys),
     )
