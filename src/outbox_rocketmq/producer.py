@@ -24,8 +24,9 @@ from outbox.storage import settle_guard
 from outbox.transaction import message_created_at
 
 from ._aio import DEFAULT_WORKERS, BlockingCalls, FollowUps
+from ._client import wrap_error
 from .config import RocketMQConfig
-from .halfsend import HalfSender, half_sender
+from .halfsend import GrpcHalfSender, HalfSender, half_sender
 from .mapping import MESSAGE_ID_PROPERTY, Received, to_message
 from .tickets import AsyncHalfMessageTicket, HalfMessageTicket
 
@@ -38,6 +39,24 @@ DEFAULT_CHECK_LIMIT = 15
 CHECK_TIMES_PROPERTY = "TRANSACTION_CHECK_TIMES"
 #: How many message ids ``near_limit`` keeps.
 NEAR_LIMIT_KEPT = 1000
+#: The guard row's delay unless the producer is given another: past the time a
+#: broker with default settings keeps checking a half message back
+#: (``transactionTimeOut`` + ``transactionCheckMax`` x ``transactionCheckInterval``,
+#: about 15 minutes), so the relay sends a guard row only for a message the broker
+#: no longer has.
+DEFAULT_GUARD_AFTER = dt.timedelta(minutes=20)
+#: The 5.x client's number for a normal message type (its ``MessageType.NORMAL``).
+_NORMAL_TYPE = 1
+
+
+class _Default:
+    """``guard_after`` not given: the guard row is on, with :data:`DEFAULT_GUARD_AFTER`."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_GUARD_AFTER"
+
+
+_GUARD_DEFAULT = _Default()
 
 
 class RocketMQTransactionalProducer:
@@ -58,14 +77,17 @@ class RocketMQTransactionalProducer:
     succeeds); a relay with :class:`RocketMQPublisher` delivers it later. That topic
     must then be of type MIXED, since the relay's send is a normal one.
 
-    With ``guard_after``, the local transaction also writes the message as an outbox
-    row due that much later, settled as soon as the broker takes the commit. If the
-    producer dies before that, and the broker then gives up on the half message
+    The guard row (on unless ``guard_after=None``): the local transaction also
+    writes the message as an outbox row due ``guard_after`` later (by default
+    :data:`DEFAULT_GUARD_AFTER`), settled as soon as the broker takes the commit. If
+    the producer dies before that, and the broker then gives up on the half message
     (it sends check-backs to dead clients too, and discards a message after
     ``transactionCheckMax`` unanswered checks), a relay publishes the guard row: at
     worst the consumer sees the message twice and its inbox drops the second copy.
     This costs one more INSERT in the transaction and one UPDATE after it, and
-    needs a MIXED topic and a relay, as the fallback does.
+    needs a topic that takes normal sends too (MIXED on 5.x; any topic on 4.x) and
+    a relay, as the fallback does: :meth:`start` refuses a 5.x topic that takes
+    transactional messages only, unless the guard is turned off explicitly.
 
     The same object serves an :class:`outbox.AsyncOutbox`: the client's blocking
     calls then run on a pool of ``workers`` threads owned by the producer, the
@@ -80,7 +102,7 @@ class RocketMQTransactionalProducer:
         topics: Iterable[str],
         *,
         fallback_to_outbox: bool = False,
-        guard_after: dt.timedelta | None = None,
+        guard_after: dt.timedelta | _Default | None = _GUARD_DEFAULT,
         workers: int = DEFAULT_WORKERS,
         check_limit: int = DEFAULT_CHECK_LIMIT,
     ) -> None:
@@ -95,8 +117,13 @@ class RocketMQTransactionalProducer:
         self.topics = tuple(dict.fromkeys(topics))
         if not self.topics:
             raise ConfigurationError("name at least one topic the producer sends to")
-        if guard_after is not None and guard_after <= dt.timedelta(0):
-            raise ConfigurationError("guard_after must be a positive time")
+        if isinstance(guard_after, _Default):
+            guard_after = DEFAULT_GUARD_AFTER
+        elif guard_after is not None and (not isinstance(guard_after, dt.timedelta)
+                                          or guard_after <= dt.timedelta(0)):
+            raise ConfigurationError(
+                f"guard_after must be a positive timedelta (or None to go without the guard "
+                f"row), got {guard_after!r}")
         self.fallback_to_outbox = fallback_to_outbox
         self.guard_after = guard_after
         self._outboxes: dict[str, BaseOutbox] = {}
@@ -230,10 +257,40 @@ class RocketMQTransactionalProducer:
             if self._producer is not None:
                 return self._producer
             producer = half_sender(self.config, self.topics, self._answer)
+            try:
+                self._check_topic_types(producer)
+            except ConfigurationError:
+                producer.shutdown()
+                raise
             self._producer = producer
             log.info("rocketmq_producer_started", at=self.config.where,
                      topics=list(self.topics))
             return producer
+
+    def _check_topic_types(self, producer: HalfSender) -> None:
+        """Refuse a topic that takes transactional messages only, when the guard row or
+        the fallback will send normal messages to it (5.x topics have a type; on 4.x
+        every topic takes every message)."""
+        if self.guard_after is None and not self.fallback_to_outbox:
+            return
+        if not isinstance(producer, GrpcHalfSender):
+            return
+        for topic in self.topics:
+            try:
+                route = producer.producer._retrieve_topic_route_data(topic)
+            except Exception as exc:
+                raise wrap_error(exc, self.config, f"reading the type of topic {topic}") from None
+            types = {t for q in route.message_queues for t in q.accept_message_types}
+            if types and _NORMAL_TYPE not in types:
+                uses = "the guard row" if self.guard_after is not None else "the fallback"
+                raise ConfigurationError(
+                    f"RocketMQ topic {topic!r} takes transactional messages only, but {uses} "
+                    "sends a message the broker lost as a normal one through the relay: make "
+                    f"the topic MIXED (mqadmin updateTopic -t {topic} -a +message.type=MIXED, "
+                    "with enableMixedMessageType=true on the broker), or pass "
+                    "guard_after=None to go without the guard row (a half message the broker "
+                    "drops after transactionCheckMax checks is then lost; outbox "
+                    "rocketmq-recover reports it)")
 
     def _shutdown_client(self) -> None:
         with self._lock:

@@ -44,7 +44,7 @@ def main() -> None:
         service = make_service(db_url, adapter, topic)
         service.place_order(order_no)
     elif point == "after-half-send":
-        adapter = RocketMQTransactionalProducer(config, [topic])
+        adapter = RocketMQTransactionalProducer(config, [topic], guard_after=None)
         service = make_service(db_url, adapter, topic)
         # The half message is out; die before the local transaction can commit.
         original = adapter.prepare

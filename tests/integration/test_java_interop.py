@@ -352,7 +352,7 @@ def test_java_half_messages_with_lost_commits_arrive_while_a_python_producer_sha
     # producer about the Java half messages. It must answer "ask again", never
     # ROLLBACK, so that the broker reaches the Java checker, which commits.
     config = RocketMQConfig(rocketmq_endpoints)
-    ours = RocketMQTransactionalProducer(config, [TX_TOPIC_A])
+    ours = RocketMQTransactionalProducer(config, [TX_TOPIC_A], guard_after=None)
     make_service(f"sqlite:///{tmp_path}/py-bank1.db", ours, TX_TOPIC_A)
     ours.start()
     prefix = unique("jx5b") + "-"
@@ -424,7 +424,8 @@ def python_transfers_reach_java(java: Java, api: str, address: str, topic: str,
 def test_python_bank1_5x_to_java_bank2_push_consumer(
     java: Java, rocketmq_endpoints: str, tmp_path: Path,
 ) -> None:
-    adapter = RocketMQTransactionalProducer(RocketMQConfig(rocketmq_endpoints), [TX_TOPIC_A])
+    adapter = RocketMQTransactionalProducer(RocketMQConfig(rocketmq_endpoints), [TX_TOPIC_A],
+                                            guard_after=None)
     python_transfers_reach_java(java, "5", rocketmq_endpoints, TX_TOPIC_A, adapter,
                                 f"sqlite:///{tmp_path}/py-bank1.db")
 

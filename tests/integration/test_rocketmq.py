@@ -18,14 +18,16 @@ import tenacity
 
 import outbox
 from outbox import ConsumerConfig, IdempotentConsumer, Message, ReceivedMessage
+from outbox.errors import ConfigurationError
 from outbox_rocketmq import (
     RocketMQConfig,
     RocketMQPublisher,
     RocketMQSubscriber,
     RocketMQTransactionalProducer,
 )
+from outbox_rocketmq.producer import DEFAULT_GUARD_AFTER
 
-from .helpers import capture_events
+from .helpers import capture_events, outbox_row
 from .rocketmq_support import (
     DLQ_TOPIC,
     MIXED_TOPIC,
@@ -52,7 +54,7 @@ def config(rocketmq_endpoints: str) -> RocketMQConfig:
 
 @pytest.fixture
 def adapter(config: RocketMQConfig) -> Any:
-    producer = RocketMQTransactionalProducer(config, [TX_TOPIC_A, TX_TOPIC_B])
+    producer = RocketMQTransactionalProducer(config, [TX_TOPIC_A, TX_TOPIC_B], guard_after=None)
     yield producer
     producer.close()
 
@@ -148,6 +150,35 @@ def test_a_guarded_send_settles_its_guard_row_once_the_broker_has_the_commit(
     assert collect(config, MIXED_TOPIC, {order_no}, timeout=20, settle=3) == {order_no: 1}
 
 
+def test_the_guard_row_is_on_by_default_and_refused_where_the_topic_cannot_take_it(
+    tmp_path: Path, config: RocketMQConfig
+) -> None:
+    adapter = RocketMQTransactionalProducer(config, [MIXED_TOPIC])
+    assert adapter.guard_after == DEFAULT_GUARD_AFTER
+    try:
+        service = make_service(f"sqlite:///{tmp_path / 'd.db'}", adapter, MIXED_TOPIC)
+        adapter.start()
+        order_no = unique("default-guard")
+        service.place_order(order_no)
+    finally:
+        adapter.close()
+    row = outbox_row(service.engine, order_no)
+    assert row.status == "sent"  # written with the transaction, settled after the commit
+    assert row.next_attempt_at - row.created_at >= DEFAULT_GUARD_AFTER - dt.timedelta(seconds=5)
+
+    refused = RocketMQTransactionalProducer(config, [MIXED_TOPIC, TX_TOPIC_A])
+    with pytest.raises(ConfigurationError, match="takes transactional messages only") as info:
+        refused.start()
+    assert "guard_after=None" in str(info.value) and TX_TOPIC_A in str(info.value)
+    refused.close()
+    opted_out = RocketMQTransactionalProducer(config, [TX_TOPIC_A], guard_after=None)
+    try:
+        opted_out.start()  # the user chose to go without: no check, no guard row
+    finally:
+        opted_out.close()
+    assert opted_out.tables == (outbox.schema.transaction_log,)
+
+
 def test_a_guard_row_delivers_a_half_message_the_broker_may_give_up_on(
     tmp_path: Path, config: RocketMQConfig, rocketmq_endpoints: str
 ) -> None:
@@ -179,7 +210,7 @@ class LosesEndTransaction(RocketMQTransactionalProducer):
 def test_two_topics_in_one_process_are_each_checked_against_their_own_log(
     tmp_path: Path, config: RocketMQConfig
 ) -> None:
-    adapter = LosesEndTransaction(config, [TX_TOPIC_A, TX_TOPIC_B])
+    adapter = LosesEndTransaction(config, [TX_TOPIC_A, TX_TOPIC_B], guard_after=None)
     try:
         shop_a = make_service(f"sqlite:///{tmp_path / 'a.db'}", adapter, TX_TOPIC_A)
         shop_b = make_service(f"sqlite:///{tmp_path / 'b.db'}", adapter, TX_TOPIC_B)
@@ -290,7 +321,7 @@ def test_handler_failure_is_redelivered_then_dead_lettered_with_the_error(
 
 def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
     config = RocketMQConfig("127.0.0.1:1", request_timeout=2)
-    adapter = RocketMQTransactionalProducer(config, [TX_TOPIC_A])
+    adapter = RocketMQTransactionalProducer(config, [TX_TOPIC_A], guard_after=None)
     service = make_service(f"sqlite:///{tmp_path / 'down.db'}", adapter, TX_TOPIC_A)
     order_no = unique("down")
     try:

@@ -133,7 +133,7 @@ def test_a_check_back_for_an_async_outbox_topic_is_answered_from_its_database(
 ) -> None:
     """On every database: the end-transaction calls are lost, so the broker asks, and
     the AsyncOutbox's loop answers from its transaction log."""
-    producer = LosesEndTransaction(config, [TX_TOPIC_B])
+    producer = LosesEndTransaction(config, [TX_TOPIC_B], guard_after=None)
     ob = AsyncOutbox(async_engine, delivery=producer, local_transaction_timeout=CHECK_BACK_TIMEOUT)
 
     @ob.transactional_message(topic=TX_TOPIC_B, message_id="no")
@@ -185,7 +185,7 @@ def test_a_commit_cancelled_midway_is_left_to_the_check_back_and_delivered_once(
     tmp_path: Path, config: RocketMQConfig,
 ) -> None:
     engine, aengine = sqlite_db(tmp_path, "cancel.db")
-    producer = RocketMQTransactionalProducer(config, [TX_TOPIC_A])
+    producer = RocketMQTransactionalProducer(config, [TX_TOPIC_A], guard_after=None)
     factory = async_sessionmaker(aengine, sync_session_class=PausesAfterCommit)
     ob = AsyncOutbox(factory, delivery=producer, local_transaction_timeout=LOCAL_TIMEOUT)
 
@@ -227,7 +227,7 @@ def test_a_call_cancelled_while_its_half_message_is_in_flight_rolls_it_back(
     tmp_path: Path, config: RocketMQConfig,
 ) -> None:
     engine, aengine = sqlite_db(tmp_path, "inflight.db")
-    producer = RocketMQTransactionalProducer(config, [TX_TOPIC_A])
+    producer = RocketMQTransactionalProducer(config, [TX_TOPIC_A], guard_after=None)
     ob = AsyncOutbox(aengine, delivery=producer, local_transaction_timeout=LOCAL_TIMEOUT)
     ran: list[str] = []
 

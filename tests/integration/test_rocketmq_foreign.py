@@ -101,7 +101,7 @@ def test_another_producers_half_messages_are_never_rolled_back_by_us(
     # Through the proxy a producer's group is its topic: the broker asks either of
     # the two producers about the foreign half messages. Answering ROLLBACK from
     # here lost about half of them; "ask again" lets the broker reach their owner.
-    ours = RocketMQTransactionalProducer(config, [TX_TOPIC_A])
+    ours = RocketMQTransactionalProducer(config, [TX_TOPIC_A], guard_after=None)
     make_service(f"sqlite:///{tmp_path}/svc.db", ours, TX_TOPIC_A)
     ours.start()
     foreign = ForeignProducer(config, TX_TOPIC_A)

@@ -57,7 +57,7 @@ def config(rocketmq_endpoints: str) -> RocketMQConfig:
 
 @pytest.fixture
 def producer(config: RocketMQConfig) -> Iterator[RocketMQTransactionalProducer]:
-    adapter = RocketMQTransactionalProducer(config, [TX_TOPIC_A])
+    adapter = RocketMQTransactionalProducer(config, [TX_TOPIC_A], guard_after=None)
     yield adapter
     adapter.close()
 
@@ -118,7 +118,7 @@ def test_rollback_close_and_a_rolled_back_savepoint_are_never_delivered(
     """Each session's outcome reaches its half message; the end-transaction calls are
     lost on purpose, so the real broker checks back: ROLLBACK for each message whose
     transaction did not commit, COMMIT for the one kept beside a rolled-back savepoint."""
-    producer = LosesEndTransaction(config, [TX_TOPIC_A])
+    producer = LosesEndTransaction(config, [TX_TOPIC_A], guard_after=None)
     ob = model.outbox(delivery=producer, local_transaction_timeout=CHECK_BACK_TIMEOUT)
     send = debit(tables, ob)
     rolled, closed, dropped, kept = (unique(p) for p in ("rolled", "closed", "dropped", "kept"))
