@@ -145,11 +145,12 @@ def headers_of(properties: Mapping[str, str], keys: Sequence[str] = ()) -> dict[
 def dead_letter_properties(properties: Mapping[str, str], *, message_id: str | None,
                            original_id: str | None, reason: str, group: str,
                            topic: str) -> dict[str, str]:
-    """The user properties of a dead-letter copy: the original's (RocketMQ's own and
-    blank ones left out), its de-duplication id as the outbox message id, RocketMQ's
-    id of the original, and why."""
+    """The user properties of a dead-letter copy: the original's (RocketMQ's own, the
+    ``__``-prefixed system ones and blank ones left out), its de-duplication id as the
+    outbox message id, RocketMQ's id of the original, and why."""
     out = {name: value for name, value in properties.items()
-           if value.strip() and name.upper() not in RESERVED_PROPERTIES}
+           if value.strip() and name.upper() not in RESERVED_PROPERTIES
+           and not name.startswith("__")}  # the broker's own (__SHARDINGKEY of FIFO)
     if message_id:
         out[MESSAGE_ID_PROPERTY] = message_id
     if original_id:

@@ -51,3 +51,14 @@ def test_another_producers_keys_are_left_as_they_are() -> None:
     message = to_message(Received(topic="t", body=b"{}", keys=received.keys,
                                   properties={MESSAGE_ID_PROPERTY: "x"}), None)
     assert (message.key, message.headers[KEYS_HEADER]) == ("T-9", "T-9 acct-3")
+
+
+def test_a_dead_letter_copy_drops_the_brokers_own_properties() -> None:
+    # A message from a FIFO topic carries __SHARDINGKEY: copied, it would make the
+    # copy a FIFO message, which a NORMAL dead-letter topic refuses.
+    from outbox_rocketmq.mapping import dead_letter_properties
+
+    out = dead_letter_properties({"__SHARDINGKEY": "acct-1", "traceId": "t", "UNIQ_KEY": "u"},
+                                 message_id="m", original_id="01", reason="gave up",
+                                 group="g", topic="t")
+    assert "__SHARDINGKEY" not in out and "UNIQ_KEY" not in out and out["traceId"] == "t"
