@@ -5,9 +5,12 @@ Both publish a relay's batch with concurrent ``send_async`` calls and return onl
 once the broker acknowledged every message of it. Messages of one key go one after
 the other, in the batch's order, each once the one before it is acknowledged (the
 broker keeps them in that order); different keys, and messages without a key, go
-concurrently. A batch with any failure raises, and the relay publishes its rows
-again one by one: the ones that did go out may then reach the broker twice, which
-the consumer's inbox drops (at-least-once).
+concurrently. On 4.x (a config with a name server) a batch goes instead as
+SEND_BATCH_MESSAGE requests: one per queue (a key's messages in its hash's queue, in
+the batch's order), cut to the broker's 4 MiB limit, the queues concurrently; a
+message due later goes alone with its delay level. A batch with any failure raises,
+and the relay publishes its rows again one by one: the ones that did go out may
+then reach the broker twice, which the consumer's inbox drops (at-least-once).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from outbox.errors import ConfigurationError, OutboxError
 from outbox.message import Message
 
 from ._aio import BlockingCalls
-from ._client import client_configuration, rocketmq, shutdown_quietly, to_rocketmq, wrap_error
+from ._client import client_configuration, for_topic, rocketmq, shutdown_quietly, wrap_error
 from .config import RocketMQConfig
-from .halfsend import RemotingPlainSender
+from .halfsend import BatchPart, RemotingPlainSender
 
 #: Attempts the client makes for one send before its future fails (its default).
 CLIENT_SEND_ATTEMPTS = 3
@@ -156,14 +159,20 @@ class RocketMQPublisher:
             return self._producer
 
     def _outgoing(self, message: Message) -> Any:
-        """The client's message for ``message``; refuses a topic not named at start."""
+        """The client's message for ``message``; refuses a topic not named at start.
+
+        On the 5.x proxy the topic's type (the started client's route) decides what it
+        carries (:func:`._client.for_topic`): on a FIFO topic its key as message group
+        (the broker keeps a key's messages in order; a message without key is a group
+        of its own); a delivery time still ahead as delivery timestamp on a topic that
+        takes delayed messages, a ConfigurationError on one that does not."""
         if message.topic not in self.topics:
             raise ConfigurationError(
                 f"topic {message.topic!r} is not among this publisher's topics {list(self.topics)}"
             )
         if self.config.namesrv is not None:
             return message  # the remoting sender maps it itself
-        return to_rocketmq(message)
+        return for_topic(message, self._started(), self.config)
 
     def _failed(self, exc: Exception, message: Message) -> OutboxError:
         if isinstance(exc, OutboxError):
@@ -183,7 +192,7 @@ class RocketMQPublisher:
         order) and return once the broker acknowledged each. Raises PublishError
         (BrokerUnavailableError) naming how many failed if any did, or if receipts
         are still missing after ``batch_timeout``; after a failure no further
-        message of the batch is sent."""
+        message of the batch is sent. On 4.x: batch requests, see the module."""
         if not messages:
             return
         outgoing = [(m, self._outgoing(m)) for m in messages]
@@ -191,6 +200,8 @@ class RocketMQPublisher:
             producer = self._started()
         except Exception as exc:
             raise self._failed(exc, messages[0]) from None
+        if isinstance(producer, RemotingPlainSender):
+            return self._publish_remoting_batch(producer, messages)
         outcome = BatchOutcome(len(outgoing))
         deadline = time.monotonic() + self.batch_timeout
         for wave in waves(outgoing):
@@ -218,10 +229,44 @@ class RocketMQPublisher:
         if not outcome.ok:
             raise outcome.error(self.config) from None
 
+    def _publish_remoting_batch(self, producer: RemotingPlainSender,
+                                messages: Sequence[Message]) -> None:
+        """On 4.x: SEND_BATCH_MESSAGE requests, one queue's share after the other
+        (see :meth:`RemotingPlainSender.send_batch`), all awaited."""
+        try:
+            parts = producer.send_batch(messages)
+        except Exception as exc:  # refused before anything left (no route)
+            raise self._failed(exc, messages[0]) from None
+        concurrent.futures.wait([p.future for p in parts], timeout=self.batch_timeout)
+        outcome = remoting_outcome(parts, len(messages), self.batch_timeout)
+        if not outcome.ok:
+            raise outcome.error(self.config) from None
+
     def close(self) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
         shutdown_quietly(producer)
+
+
+def remoting_outcome(parts: Sequence[BatchPart], total: int, timeout: float) -> BatchOutcome:
+    """What became of a 4.x batch's parts: a part not done by now timed out in the
+    chunk it was sending; a failed part's whole chunk failed (a batch request is
+    stored whole or not at all); the rest of a part that stopped was not sent."""
+    outcome = BatchOutcome(total)
+    for part in parts:
+        part.stop.set()  # late parts send nothing more: the rest goes one by one
+        outcome.acked += part.sent
+        if part.sent >= len(part.messages):
+            continue
+        if part.error is not None:
+            error: BaseException = part.error
+        elif not part.future.done():
+            error = TimeoutError(f"no receipt within {timeout:g} s")
+        else:
+            continue  # stopped after another part failed, or the publisher closed
+        for message in part.current or part.messages[part.sent:part.sent + 1]:
+            outcome.fail(message, error)
+    return outcome
 
 
 class AsyncRocketMQPublisher:
@@ -250,7 +295,7 @@ class AsyncRocketMQPublisher:
     async def publish(self, message: Message) -> None:
         """Send ``message`` without blocking the event loop."""
         sync = self._sync
-        outgoing = sync._outgoing(message)
+        outgoing = await self._calls.run(sync._outgoing, message)  # may start the client
         try:
             producer = await self._calls.run(sync._started)
             await asyncio.wrap_future(producer.send_async(outgoing))
@@ -265,11 +310,27 @@ class AsyncRocketMQPublisher:
         if not messages:
             return
         sync = self._sync
-        outgoing = [(m, sync._outgoing(m)) for m in messages]
+        outgoing = await self._calls.run(  # may start the client, read a route
+            lambda: [(m, sync._outgoing(m)) for m in messages])
         try:
             producer = await self._calls.run(sync._started)
         except Exception as exc:
             raise await self._calls.run(sync._failed, exc, messages[0]) from None
+        if isinstance(producer, RemotingPlainSender):
+            try:
+                parts = await self._calls.run(producer.send_batch, messages)
+            except Exception as exc:
+                raise await self._calls.run(sync._failed, exc, messages[0]) from None
+            try:
+                await asyncio.wait([asyncio.wrap_future(p.future) for p in parts],
+                                   timeout=self.batch_timeout)
+            finally:
+                for part in parts:
+                    part.stop.set()  # a timeout, or our caller cancelled: send nothing more
+            remoting = remoting_outcome(parts, len(messages), self.batch_timeout)
+            if not remoting.ok:
+                raise await self._calls.run(remoting.error, sync.config) from None
+            return
         outcome = BatchOutcome(len(outgoing))
         in_flight: dict[asyncio.Task[None], Message] = {}
 

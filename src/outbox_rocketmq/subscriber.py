@@ -23,6 +23,7 @@ from ._client import client_configuration, rocketmq, shutdown_quietly, to_delive
 from .config import RocketMQConfig
 from .mapping import MessageIdFrom, dead_letter_properties, ordered_keys
 from .remoting.consumer import RemotingSubscriber
+from .topics import accepted_types, is_fifo
 
 log = get_logger("outbox.rocketmq")
 
@@ -49,6 +50,20 @@ class RocketMQSubscriber:
     handler that gave up) sends a copy with the reason in property
     ``OUTBOX_DEAD_REASON`` to ``dead_letter_topic`` and acknowledges the original,
     so nothing is dropped silently.
+
+    ``orderly=True`` (4.x, a config with a name server): per-key order. The member
+    locks its queues on the broker and consumes only those it holds; a key's next
+    message is handed out only once the one before it was acknowledged or
+    dead-lettered; a retry waits its delay in this process, holding its key (the
+    retry topic would break the order) while the queue's other keys go on.
+
+    Through the 5.x proxy, order comes from the broker: a FIFO topic (the relay's
+    publisher sends each key as its message group) read by a FIFO consumer group
+    (``mqadmin updateSubGroup ... -o true``) hands out a queue's next message only
+    after the one before it was acknowledged, and a retry holds its queue. On a FIFO
+    topic the subscriber receives one message at a time (the broker may hand out
+    several of one queue in one receive, and the consumer would handle them all);
+    ``orderly=True`` there only checks, at the first fetch, that the topic is FIFO.
     """
 
     def __init__(
@@ -60,6 +75,7 @@ class RocketMQSubscriber:
         dead_letter_topic: str,
         invisible_seconds: int = 30,
         message_id_from: MessageIdFrom | None = None,
+        orderly: bool = False,
     ) -> None:
         if invisible_seconds < MIN_INVISIBLE_SECONDS:
             raise ConfigurationError(
@@ -73,12 +89,16 @@ class RocketMQSubscriber:
         self.dead_letter_topic = dead_letter_topic
         self.invisible_seconds = invisible_seconds
         self.message_id_from = message_id_from or MessageIdFrom()
+        self.orderly = orderly
         #: With a name server in the config: a member of the group on 4.x brokers.
         self._remoting = RemotingSubscriber(
             config.namesrv, topic, group, dead_letter_topic=dead_letter_topic,
             message_id_from=self.message_id_from, request_timeout=config.request_timeout,
+            orderly=orderly,
         ) if config.namesrv is not None else None
         self._consumer: Any = None
+        #: Whether the topic is a 5.x FIFO topic (read from the route at start).
+        self._fifo = False
         self._consumer_started = 0.0
         self._dead_producer: Any = None
         self._lock = threading.Lock()
@@ -89,14 +109,24 @@ class RocketMQSubscriber:
         with self._lock:
             if self._consumer is None:
                 rmq = rocketmq()
+                consumer = None
                 try:
                     consumer = rmq.SimpleConsumer(
                         client_configuration(self.config), self.group,
                         {self.topic: rmq.FilterExpression()}, 1,
                     )
                     consumer.startup()
+                    self._fifo = is_fifo(accepted_types(consumer, self.topic))
                 except Exception as exc:
+                    shutdown_quietly(consumer)
                     raise wrap_error(exc, self.config, f"subscribing to {self.topic}") from None
+                if self.orderly and not self._fifo:
+                    shutdown_quietly(consumer)
+                    raise ConfigurationError(
+                        f"orderly=True through the 5.x proxy needs a FIFO topic, and "
+                        f"{self.topic!r} is not one: per-key order on 5.x comes from a FIFO "
+                        "topic (mqadmin updateTopic ... -a +message.type=FIFO) read by a "
+                        "FIFO consumer group (mqadmin updateSubGroup ... -o true)")
                 self._consumer = consumer
                 self._consumer_started = time.monotonic()
             return self._consumer
@@ -120,6 +150,8 @@ class RocketMQSubscriber:
         """Set up one receive: the long-poll wait, in whole seconds (at least 1), and
         how many messages to ask for (the proxy takes at most 32)."""
         consumer.await_duration = max(1, int(wait_seconds))
+        if self._fifo:
+            return 1  # a failed message must come back before its queue's next one
         return max(1, min(max_messages, 32))
 
     def _receive_failed(self, exc: Exception, consumer: Any) -> OutboxError | None:
@@ -252,10 +284,11 @@ class AsyncRocketMQSubscriber:
         invisible_seconds: int = 30,
         message_id_from: MessageIdFrom | None = None,
         workers: int = 2,
+        orderly: bool = False,
     ) -> None:
         self._sync = RocketMQSubscriber(config, topic, group, dead_letter_topic=dead_letter_topic,
                                         invisible_seconds=invisible_seconds,
-                                        message_id_from=message_id_from)
+                                        message_id_from=message_id_from, orderly=orderly)
         self._calls = BlockingCalls("outbox-rocketmq-subscriber", workers)
 
     @property

@@ -5,6 +5,7 @@ timeout, for silence), never a hang; and a broker's check-back is answered."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import struct
@@ -15,17 +16,24 @@ from typing import Any
 
 import pytest
 
-from outbox.errors import ConfigurationError, PublishError
+from outbox import Message
+from outbox.errors import BrokerUnavailableError, ConfigurationError, PublishError
+from outbox_rocketmq import RocketMQConfig, RocketMQPublisher
+from outbox_rocketmq.remoting import consumer as remoting_consumer
 from outbox_rocketmq.remoting.client import RemotingClient
 from outbox_rocketmq.remoting.connection import Connection, RemotingError
+from outbox_rocketmq.remoting.consumer import RemotingSubscriber
 from outbox_rocketmq.remoting.protocol import (
     TRANSACTION_COMMIT_TYPE,
     Command,
     FrameReader,
     RequestCode,
     ResponseCode,
+    decode_batch,
+    decode_properties,
     encode_properties,
     encode_stored,
+    hash_index,
 )
 
 #: What the fake peer does with each request: return the bytes to send back (or
@@ -288,3 +296,171 @@ def test_an_unknown_request_from_the_peer_is_answered_not_supported(peer_factory
     answer = peer.received[1]
     assert answer.is_response and answer.opaque == 555
     assert answer.code == ResponseCode.REQUEST_CODE_NOT_SUPPORTED
+
+
+# -- batches, long polls and queue locks against a fake broker ------------------------
+
+
+def batch_broker(address_of: Callable[[], str], batch_code: int = ResponseCode.SUCCESS,
+                 pull: Behaviour | None = None, lock_body: bytes | None = None) -> Behaviour:
+    """:func:`broker_behaviour` that also stores batches (or refuses them with
+    ``batch_code``), answers pulls with ``pull`` (silence by default) and queue locks
+    with ``lock_body``."""
+    plain = broker_behaviour(address_of)
+    stored = itertools.count()
+
+    def behaviour(command: Command, conn: socket.socket) -> bytes | None:
+        if command.code == RequestCode.SEND_BATCH_MESSAGE:
+            if batch_code != ResponseCode.SUCCESS:
+                return respond(command, batch_code)
+            items = decode_batch(command.body)
+            first = next(stored)
+            for _ in items[1:]:
+                next(stored)
+            return respond(command, msgId=",".join(f"ID{first + i}" for i in range(len(items))),
+                           queueId=command.ext_fields["e"], queueOffset=str(first))
+        if command.code == RequestCode.PULL_MESSAGE:
+            return pull(command, conn) if pull is not None else None
+        if command.code == RequestCode.LOCK_BATCH_MQ and lock_body is not None:
+            return respond(command, body=lock_body)
+        return plain(command, conn)
+
+    return behaviour
+
+
+def test_a_batch_goes_per_queue_as_send_batch_message_each_message_its_own(
+    peer_factory: Any,
+) -> None:
+    holder: dict[str, str] = {}
+    peer = peer_factory(batch_broker(lambda: holder["a"]))
+    holder["a"] = peer.address
+    publisher = RocketMQPublisher(RocketMQConfig(namesrv=peer.address), ["t"])
+    messages = [Message(topic="t", id=f"m{i}", key=f"k{i % 3}", payload=b"%d" % i,
+                        headers={"traceId": f"t{i}"}) for i in range(12)]
+    try:
+        publisher.publish_batch(messages)
+    finally:
+        publisher.close()
+    batches = [c for c in peer.received if c.code == RequestCode.SEND_BATCH_MESSAGE]
+    assert not [c for c in peer.received if c.code == RequestCode.SEND_MESSAGE]
+    by_queue = {int(c.ext_fields["e"]): c for c in batches}
+    assert len(batches) == len(by_queue) == len({hash_index(f"k{j}", 2) for j in range(3)})
+    for queue, command in by_queue.items():
+        assert (command.ext_fields["b"], command.ext_fields["m"]) == ("t", "true")
+        items = [decode_properties(i.properties) for i in decode_batch(command.body)]
+        mine = [m for m in messages if m.key and hash_index(m.key, 2) == queue]
+        assert [p["OUTBOX_MESSAGE_ID"] for p in items] == [m.id for m in mine]  # in order
+        assert [p["traceId"] for p in items] == [m.headers["traceId"] for m in mine]
+        assert len({p["UNIQ_KEY"] for p in items}) == len(items)
+
+
+def test_a_refused_batch_raises_naming_how_many_failed(peer_factory: Any) -> None:
+    holder: dict[str, str] = {}
+    peer = peer_factory(batch_broker(lambda: holder["a"], batch_code=ResponseCode.SYSTEM_BUSY))
+    holder["a"] = peer.address
+    publisher = RocketMQPublisher(RocketMQConfig(namesrv=peer.address), ["t"])
+    try:
+        with pytest.raises(BrokerUnavailableError, match=r"publishing a batch: \d+ of 6"):
+            publisher.publish_batch([Message(topic="t", id=f"m{i}", payload=b"{}")
+                                     for i in range(6)])
+    finally:
+        publisher.close()
+
+
+def long_poll_subscriber(address: str, monkeypatch: pytest.MonkeyPatch,
+                         **kwargs: Any) -> RemotingSubscriber:
+    monkeypatch.setattr(remoting_consumer, "LONG_POLL_SECONDS", 0.2)
+    return RemotingSubscriber(address, "t", "g", dead_letter_topic="dlq",
+                              request_timeout=0.5, **kwargs)
+
+
+def test_a_long_poll_the_broker_never_answers_is_an_error_not_a_hang(
+    peer_factory: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    holder: dict[str, str] = {}
+    peer = peer_factory(batch_broker(lambda: holder["a"]))  # pulls: silence
+    holder["a"] = peer.address
+    sub = long_poll_subscriber(peer.address, monkeypatch)
+    try:
+        started = time.monotonic()
+        error: BaseException | None = None
+        while error is None and time.monotonic() - started < 20:
+            try:
+                sub.fetch(32, 1.0)
+            except RemotingError as exc:
+                error = exc
+        # The broker may hold a pull 0.2 s plus its 5 s between looks: given up after that.
+        assert error is not None and "did not answer a pull" in str(error)
+        assert time.monotonic() - started < 10
+    finally:
+        sub.close()
+
+
+def test_close_ends_a_fetch_waiting_on_a_long_poll_at_once(
+    peer_factory: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    holder: dict[str, str] = {}
+    peer = peer_factory(batch_broker(lambda: holder["a"]))
+    holder["a"] = peer.address
+    sub = long_poll_subscriber(peer.address, monkeypatch)
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(sub.fetch(32, 30.0)))
+    waiter.start()
+    time.sleep(0.5)
+    closed = time.monotonic()
+    sub.close()
+    waiter.join(5)
+    assert not waiter.is_alive() and time.monotonic() - closed < 3
+    assert outcome == [[]]
+    with pytest.raises(RemotingError, match="closed"):
+        sub.fetch(1, 0.1)
+
+
+@pytest.mark.parametrize("lock_body", [b"{not json", b'{"lockOKMQSet": 7}', b"[]"],
+                         ids=["garbage", "wrong-type", "not-an-object"])
+def test_a_broken_lock_answer_locks_nothing_and_consumes_nothing(
+    peer_factory: Any, monkeypatch: pytest.MonkeyPatch, lock_body: bytes,
+) -> None:
+    holder: dict[str, str] = {}
+
+    def pull(command: Command, _conn: socket.socket) -> bytes:
+        return respond(command, body=encode_stored("t", b"{}"), nextBeginOffset="8")
+
+    peer = peer_factory(batch_broker(lambda: holder["a"], pull=pull, lock_body=lock_body))
+    holder["a"] = peer.address
+    sub = long_poll_subscriber(peer.address, monkeypatch, orderly=True)
+    try:
+        assert sub.fetch(32, 0.5) == []
+    finally:
+        sub.close()
+    assert not [c for c in peer.received if c.code == RequestCode.PULL_MESSAGE]
+    assert [c for c in peer.received if c.code == RequestCode.LOCK_BATCH_MQ]
+
+
+def test_an_orderly_member_consumes_only_the_queues_the_broker_locked_for_it(
+    peer_factory: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    holder: dict[str, str] = {}
+
+    def pull(command: Command, _conn: socket.socket) -> bytes:
+        offset = int(command.ext_fields["queueOffset"])
+        queue = int(command.ext_fields["queueId"])
+        if offset > 0:
+            return respond(command, ResponseCode.PULL_NOT_FOUND, nextBeginOffset=str(offset))
+        props = encode_properties({"OUTBOX_MESSAGE_ID": f"q{queue}", "KEYS": "k"})
+        return respond(command, body=encode_stored("t", b"{}", properties=props,
+                                                   queue_id=queue, queue_offset=0),
+                       nextBeginOffset="1")
+
+    lock = json.dumps({"lockOKMQSet": [{"topic": "t", "brokerName": "b", "queueId": 1}]})
+    peer = peer_factory(batch_broker(lambda: holder["a"], pull=pull, lock_body=lock.encode()))
+    holder["a"] = peer.address
+    sub = long_poll_subscriber(peer.address, monkeypatch, orderly=True)
+    try:
+        got = sub.fetch(32, 1.0)
+        assert [d.message_id for d in got] == ["q1"]
+    finally:
+        sub.close()
+    unlocks = [json.loads(c.body) for c in peer.received
+               if c.code == RequestCode.UNLOCK_BATCH_MQ]
+    assert [q["queueId"] for u in unlocks for q in u["mqSet"]] == [1]  # released on close

@@ -292,6 +292,10 @@ class _FakeConsumer:
     def shutdown(self) -> None:
         self.stopped = True
 
+    def _retrieve_topic_route_data(self, _topic: str) -> Any:
+        """A NORMAL topic's route (the subscriber reads the topic's type at start)."""
+        return SimpleNamespace(message_queues=[SimpleNamespace(accept_message_types=[1])])
+
     def receive(self, _count: int, _invisible: int) -> list[Any]:
         error = _FakeConsumer.errors.pop(0) if _FakeConsumer.errors else None
         if error is not None:

@@ -1,6 +1,8 @@
 """A RocketMQ client over the remoting protocol: topic routes from the name server,
-connections and heartbeats to the brokers, sends (normal, batch, transactional half
-messages), ending transactions, and answering the broker's check-backs.
+connections and heartbeats to the brokers, sends (normal, delayed, batch,
+transactional half messages; to the queue a key hashes to, as Java's
+``SelectMessageQueueByHash`` picks it), ending transactions, answering the broker's
+check-backs, pulls (long polls) and queue locks for ordered consumption.
 
 It is what the adapter uses for 4.x brokers (which have no gRPC proxy); a 5.x broker
 speaks the same protocol on its remoting port.
@@ -8,6 +10,7 @@ speaks the same protocol on its remoting port.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import itertools
@@ -18,9 +21,11 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from outbox.errors import ConfigurationError, PublishError
 from outbox.log import get_logger
@@ -31,6 +36,7 @@ from .protocol import (
     TRANSACTION_NOT_TYPE,
     TRANSACTION_PREPARED_TYPE,
     TRANSACTION_ROLLBACK_TYPE,
+    BatchItem,
     Command,
     ProtocolError,
     RequestCode,
@@ -38,7 +44,9 @@ from .protocol import (
     StoredMessage,
     commit_log_offset_of,
     decode_messages,
+    encode_batch,
     encode_properties,
+    hash_index,
 )
 
 log = get_logger("outbox.rocketmq.remoting")
@@ -52,6 +60,32 @@ DEFAULT_TOPIC = "TBW102"
 #: Response codes after which the message is stored all the same.
 _STORED = {ResponseCode.SUCCESS, ResponseCode.FLUSH_DISK_TIMEOUT,
            ResponseCode.FLUSH_SLAVE_TIMEOUT, ResponseCode.SLAVE_NOT_AVAILABLE}
+#: The broker's delay levels (its default ``messageDelayLevel``, ``1s 5s 10s 30s 1m
+#: 2m ... 10m 20m 30m 1h 2h``), in seconds: level ``i`` waits ``DELAY_LEVELS[i-1]``.
+DELAY_LEVELS = (1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800,
+                3600, 7200)
+
+
+def send_delay_level(seconds: float) -> int | None:
+    """The ``DELAY`` level for a message due in ``seconds``: the smallest level that
+    waits at least that long (never early), None when it is due already. Past the
+    longest level (2 h) a broker delay cannot hold it: PublishError."""
+    if seconds <= 0:
+        return None
+    for level, delay in enumerate(DELAY_LEVELS, start=1):
+        if delay >= seconds:
+            return level
+    raise PublishError(
+        f"a message due in {seconds:.0f} s is beyond RocketMQ 4.x's longest delay level "
+        f"({DELAY_LEVELS[-1]} s): keep it in the outbox until it is due (the relay sends "
+        "an outbox row only once its delivery time came) instead of publishing it directly")
+
+
+def select_by_hash(queues: Sequence[MessageQueue], key: str) -> MessageQueue:
+    """The queue of ``queues`` (a route's write queues, in the route's order) that
+    RocketMQ's ``SelectMessageQueueByHash`` picks for ``key``: a Java producer
+    ordering by the same key writes to the same queue."""
+    return queues[hash_index(key, len(queues))]
 
 
 @dataclass(frozen=True)
@@ -141,6 +175,16 @@ class SendResult:
 
 
 @dataclass(frozen=True)
+class OutgoingMessage:
+    """One message of a batch send: what :meth:`RemotingClient.send` takes for one."""
+
+    body: bytes
+    properties: Mapping[str, str]
+    tag: str | None = None
+    keys: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
 class PullResult:
     code: int  # SUCCESS, PULL_NOT_FOUND, PULL_RETRY_IMMEDIATELY or PULL_OFFSET_MOVED
     messages: list[StoredMessage]
@@ -208,6 +252,10 @@ class RemotingClient:
         self.request_timeout = request_timeout
         host = _local_ip()
         self.client_id = f"{host}@{instance or os.getpid()}#{time.monotonic_ns()}"
+        #: Requests sent, by request code (every connection of this client).
+        self.sent: Counter[int] = Counter()
+        #: Called with the group when a broker says a consumer group's members changed.
+        self.on_consumers_changed: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._routes: dict[str, Route] = {}
         self._brokers: dict[str, Connection] = {}
@@ -296,7 +344,8 @@ class RemotingClient:
             conn = self._brokers.get(address)
             if conn is not None and not conn.closed:
                 return conn
-        fresh = Connection(address, on_request=self._on_request, handlers=self._handlers)
+        fresh = Connection(address, on_request=self._on_request, handlers=self._handlers,
+                           sent=self.sent)
         with self._lock:
             conn = self._brokers.get(address)
             if conn is not None and not conn.closed:
@@ -312,7 +361,7 @@ class RemotingClient:
                 conn = self._namesrv_conn
             try:
                 if conn is None or conn.closed or conn.address != address:
-                    conn = Connection(address)
+                    conn = Connection(address, sent=self.sent)
                     with self._lock:
                         self._namesrv_conn = conn
                 return conn.request(command, self.request_timeout)
@@ -346,25 +395,25 @@ class RemotingClient:
 
     def send(self, topic: str, body: bytes, properties: Mapping[str, str], *,
              tag: str | None = None, keys: Sequence[str] = (), transactional: bool = False,
-             queue: MessageQueue | None = None) -> SendResult:
+             queue: MessageQueue | None = None, queue_key: str | None = None,
+             delay_level: int | None = None) -> SendResult:
         """Send one message (a half message with ``transactional``) and return where
-        the broker stored it."""
+        the broker stored it. The queue: ``queue``, else the one ``queue_key`` hashes
+        to (as a Java producer's ``SelectMessageQueueByHash`` picks it: per-key
+        order), else the next in turn. ``delay_level`` (1-18): the broker delivers it
+        after that level's delay."""
         if transactional and not self.producer_group:
             raise ConfigurationError("a transactional send needs a producer group")
-        props = dict(properties)
-        if tag:
-            props["TAGS"] = tag
-        if keys:
-            props["KEYS"] = " ".join(keys)
-        props.setdefault("UNIQ_KEY", new_unique_key())
-        props["WAIT"] = "true"
+        props = self._properties(properties, tag, keys)
         if transactional:
             props["TRAN_MSG"] = "true"
             props["PGROUP"] = str(self.producer_group)
+        if delay_level is not None:
+            if transactional:
+                raise PublishError("RocketMQ does not delay a transactional message")
+            props["DELAY"] = str(delay_level)
         route = self.route(topic)
-        if not route.write_queues:
-            raise ConfigurationError(f"RocketMQ topic {topic!r} has no writable queue")
-        mq = queue or route.write_queues[next(self._next_queue) % len(route.write_queues)]
+        mq = queue or self.choose_queue(route, queue_key)
         address = route.brokers[mq.broker]
         try:
             encoded = encode_properties(props)
@@ -379,12 +428,7 @@ class RemotingClient:
             "properties": encoded, "reconsumeTimes": "0", "unitMode": "false",
             "batch": "false",
         }, body=body)
-        try:
-            response = self.broker(address).request(command, self.request_timeout)
-        except RemotingError:
-            self.route(topic, fresh=True)  # the broker may have moved
-            raise
-        _expect(response, _STORED, f"sending to {topic} on {address}")
+        response = self._send_request(topic, address, command)
         fields = response.ext_fields
         try:
             return SendResult(
@@ -394,6 +438,81 @@ class RemotingClient:
         except (KeyError, ValueError) as exc:
             raise RemotingError(f"RocketMQ at {address} answered a send without where it "
                                 f"stored the message ({exc})") from None
+
+    def send_batch(self, topic: str, queue: MessageQueue,
+                   messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Send ``messages`` to one queue in one SEND_BATCH_MESSAGE request, stored
+        one after the other in this order, each with its own unique key and
+        properties; returns where each was stored. The caller keeps the batch
+        within the broker's ``maxMessageSize`` (:data:`MAX_MESSAGE_BYTES` for all
+        of it) and sends no delayed or transactional message in it (the broker
+        refuses both in a batch)."""
+        if not messages:
+            return []
+        route = self.route(topic)
+        address = route.brokers.get(queue.broker)
+        if address is None:
+            raise RemotingError(f"RocketMQ topic {topic!r} has no master for broker "
+                                f"{queue.broker!r} any more")
+        all_props = [self._properties(m.properties, m.tag, m.keys) for m in messages]
+        try:
+            body = encode_batch([BatchItem(m.body, encode_properties(p))
+                                 for m, p in zip(messages, all_props, strict=True)])
+        except ValueError as exc:
+            raise PublishError(f"RocketMQ message cannot be encoded: {exc}") from None
+        # SEND_BATCH_MESSAGE takes the compact header of SEND_MESSAGE_V2 (one-letter
+        # field names); the batch's own properties are what a Java MessageBatch has.
+        command = Command(RequestCode.SEND_BATCH_MESSAGE, {
+            "a": self.producer_group or "OUTBOX_PRODUCER", "b": topic, "c": DEFAULT_TOPIC,
+            "d": "4", "e": str(queue.queue_id), "f": "0",
+            "g": str(int(time.time() * 1000)), "h": "0",
+            "i": encode_properties({"WAIT": "true"}), "j": "0", "k": "false", "m": "true",
+        }, body=body)
+        response = self._send_request(topic, address, command)
+        fields = response.ext_fields
+        try:
+            offset_ids = fields["msgId"].split(",")
+            first = int(fields["queueOffset"])
+            queue_id = int(fields.get("queueId", queue.queue_id))
+        except (KeyError, ValueError) as exc:
+            raise RemotingError(f"RocketMQ at {address} answered a batch send without where "
+                                f"it stored the messages ({exc})") from None
+        if len(offset_ids) != len(messages):
+            raise RemotingError(f"RocketMQ at {address} stored {len(offset_ids)} messages of "
+                                f"a batch of {len(messages)}")
+        return [SendResult(msg_id=p["UNIQ_KEY"], offset_msg_id=offset_id, broker=queue.broker,
+                           queue_id=queue_id, queue_offset=first + i, address=address)
+                for i, (p, offset_id) in enumerate(zip(all_props, offset_ids, strict=True))]
+
+    def choose_queue(self, route: Route, key: str | None = None) -> MessageQueue:
+        """Where a message of ``route``'s topic goes: the queue ``key`` hashes to, or
+        (no key) the next queue in turn."""
+        if not route.write_queues:
+            raise ConfigurationError(f"RocketMQ topic {route.topic!r} has no writable queue")
+        if key is not None:
+            return select_by_hash(route.write_queues, key)
+        return route.write_queues[next(self._next_queue) % len(route.write_queues)]
+
+    @staticmethod
+    def _properties(properties: Mapping[str, str], tag: str | None,
+                    keys: Sequence[str]) -> dict[str, str]:
+        props = dict(properties)
+        if tag:
+            props["TAGS"] = tag
+        if keys:
+            props["KEYS"] = " ".join(keys)
+        props.setdefault("UNIQ_KEY", new_unique_key())
+        props["WAIT"] = "true"
+        return props
+
+    def _send_request(self, topic: str, address: str, command: Command) -> Command:
+        try:
+            response = self.broker(address).request(command, self.request_timeout)
+        except RemotingError:
+            self.route(topic, fresh=True)  # the broker may have moved
+            raise
+        _expect(response, _STORED, f"sending to {topic} on {address}")
+        return response
 
     def end_transaction(self, result: SendResult, commit: bool | None) -> None:
         """Commit (True), roll back (False) or leave to the check-back (None) the half
@@ -430,8 +549,28 @@ class RemotingClient:
              max_messages: int = 32, wait_ms: int = 0) -> PullResult:
         """Messages of one queue from ``offset`` on (waiting up to ``wait_ms`` on the
         broker when there are none yet)."""
+        future = self.pull_async(group, topic, queue, offset, max_messages=max_messages,
+                                 wait_ms=wait_ms)
+        timeout = pull_timeout(self.request_timeout, wait_ms)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise RemotingError(f"RocketMQ did not answer a pull of {topic} queue "
+                                f"{queue.queue_id} in {timeout:g} s") from None
+
+    def pull_async(self, group: str, topic: str, queue: MessageQueue, offset: int, *,
+                   max_messages: int = 32, wait_ms: int = 0) -> Future[PullResult]:
+        """:meth:`pull` without waiting: the result comes as the future's. With
+        ``wait_ms`` the broker holds the request until a message arrives or the time
+        is up (its long polling; it looks at held requests every 5 s, so an empty
+        answer may come a few seconds late): the caller waits at most
+        :func:`pull_timeout` for it, then cancels the future."""
         route = self.route(topic)
-        address = route.brokers[queue.broker]
+        address = route.brokers.get(queue.broker)
+        if address is None:
+            raise RemotingError(f"RocketMQ topic {topic!r} has no master for broker "
+                                f"{queue.broker!r} any more")
         flags = _PULL_SUBSCRIPTION | (_PULL_SUSPEND if wait_ms else 0)
         command = Command(RequestCode.PULL_MESSAGE, {
             "consumerGroup": group, "topic": topic, "queueId": str(queue.queue_id),
@@ -440,25 +579,67 @@ class RemotingClient:
             "suspendTimeoutMillis": str(wait_ms), "subscription": "*",
             "subVersion": str(self._sub_version), "expressionType": "TAG",
         })
-        response = self.broker(address).request(command,
-                                                self.request_timeout + wait_ms / 1000)
-        fields = response.ext_fields
-        try:
-            next_offset = int(fields.get("nextBeginOffset", offset))
-            bounds = int(fields.get("minOffset", 0)), int(fields.get("maxOffset", 0))
-        except ValueError as exc:
-            raise RemotingError(f"RocketMQ at {address} answered a pull with bad offsets "
-                                f"({exc})") from None
-        if response.code == ResponseCode.SUCCESS:
-            messages = decode_messages(response.body)
-        elif response.code in (ResponseCode.PULL_NOT_FOUND,
-                               ResponseCode.PULL_RETRY_IMMEDIATELY,
-                               ResponseCode.PULL_OFFSET_MOVED):
-            messages = []
-        else:
-            _expect_success(response, f"pulling {topic} queue {queue.queue_id} on {address}")
-            messages = []
-        return PullResult(response.code, messages, next_offset, *bounds)
+        raw = self.broker(address).request_async(command)
+        out: Future[PullResult] = Future()
+
+        def answered(done: Future[Command]) -> None:
+            if done.cancelled():
+                return
+            try:
+                result = _pull_result(done.result(), address, topic, queue, offset)
+            except (RemotingError, ProtocolError, PublishError) as exc:
+                with contextlib.suppress(InvalidStateError):
+                    out.set_exception(exc)
+                return
+            with contextlib.suppress(InvalidStateError):
+                out.set_result(result)
+
+        out.add_done_callback(lambda f: raw.cancel() if f.cancelled() else None)
+        raw.add_done_callback(answered)
+        return out
+
+    # -- ordered consumption: queue locks --------------------------------------------------
+
+    def lock_queues(self, group: str, topic: str, queues: Iterable[MessageQueue]
+                    ) -> set[MessageQueue]:
+        """Lock ``queues`` of ``topic`` for this client in ``group`` on their brokers
+        (LOCK_BATCH_MQ; locking again renews a lock, which the broker keeps 60 s):
+        returns those locked, the others being locked by another member. A broker
+        that cannot be asked counts as "none locked" there, logged."""
+        locked: set[MessageQueue] = set()
+        for broker, mine in _by_broker(queues).items():
+            body = json.dumps({"consumerGroup": group, "clientId": self.client_id,
+                               "mqSet": [_mq_json(topic, q) for q in mine]}).encode()
+            try:
+                address = self.route(topic).brokers[broker]
+                response = self.broker(address).request(
+                    Command(RequestCode.LOCK_BATCH_MQ, body=body), self.request_timeout)
+                _expect_success(response, f"locking queues of {topic} on {address}")
+                answer = json.loads(response.body or b"{}")
+                for q in answer.get("lockOKMQSet") or ():
+                    if q.get("topic") == topic and q.get("brokerName") == broker:
+                        locked.add(MessageQueue(broker, int(q["queueId"])))
+            except (RemotingError, PublishError, KeyError, ValueError, TypeError,
+                    AttributeError) as exc:
+                log.warning("rocketmq_lock_failed", topic=topic, broker=broker, group=group,
+                            error=f"{type(exc).__name__}: {exc}")
+        return locked & set(queues)
+
+    def unlock_queues(self, group: str, topic: str, queues: Iterable[MessageQueue]) -> None:
+        """Give up this client's locks of ``queues`` (UNLOCK_BATCH_MQ), so another
+        member takes them at once instead of after the broker's 60 s."""
+        for broker, mine in _by_broker(queues).items():
+            body = json.dumps({"consumerGroup": group, "clientId": self.client_id,
+                               "mqSet": [_mq_json(topic, q) for q in mine]}).encode()
+            try:
+                address = self.route(topic).brokers[broker]
+                response = self.broker(address).request(
+                    Command(RequestCode.UNLOCK_BATCH_MQ, body=body),
+                    min(self.request_timeout, 3.0))
+                _expect_success(response, f"unlocking queues of {topic} on {address}")
+            except (RemotingError, PublishError, KeyError) as exc:
+                log.warning("rocketmq_unlock_failed", topic=topic, broker=broker, group=group,
+                            error=f"{type(exc).__name__}: {exc}")
 
     # -- requests from brokers -----------------------------------------------------------
 
@@ -466,7 +647,9 @@ class RemotingClient:
         if command.code == RequestCode.CHECK_TRANSACTION_STATE:
             self._check(conn, command)
         elif command.code == RequestCode.NOTIFY_CONSUMER_IDS_CHANGED:
-            pass  # no consumer in this client yet
+            callback = self.on_consumers_changed
+            if callback is not None:
+                callback(command.ext_fields.get("consumerGroup", ""))
         elif not command.is_oneway:
             conn.reply(command.response(ResponseCode.REQUEST_CODE_NOT_SUPPORTED,
                                         f"request code {command.code} not supported"))
@@ -497,6 +680,43 @@ class RemotingClient:
             log.warning("rocketmq_check_back_answer_lost", msg_id=stored.msg_id, error=str(exc))
 
 
+def pull_timeout(request_timeout: float, wait_ms: int) -> float:
+    """How long a pull that the broker may hold ``wait_ms`` is waited for: the hold,
+    the 5 s between the broker's looks at held requests, and the request timeout."""
+    return request_timeout + (wait_ms / 1000 + 5.0 if wait_ms else 0.0)
+
+
+def _pull_result(response: Command, address: str, topic: str, queue: MessageQueue,
+                 offset: int) -> PullResult:
+    fields = response.ext_fields
+    try:
+        next_offset = int(fields.get("nextBeginOffset", offset))
+        bounds = int(fields.get("minOffset", 0)), int(fields.get("maxOffset", 0))
+    except ValueError as exc:
+        raise RemotingError(f"RocketMQ at {address} answered a pull with bad offsets "
+                            f"({exc})") from None
+    if response.code == ResponseCode.SUCCESS:
+        messages = decode_messages(response.body)
+    elif response.code in (ResponseCode.PULL_NOT_FOUND, ResponseCode.PULL_RETRY_IMMEDIATELY,
+                           ResponseCode.PULL_OFFSET_MOVED):
+        messages = []
+    else:
+        _expect_success(response, f"pulling {topic} queue {queue.queue_id} on {address}")
+        messages = []
+    return PullResult(response.code, messages, next_offset, *bounds)
+
+
+def _by_broker(queues: Iterable[MessageQueue]) -> dict[str, list[MessageQueue]]:
+    out: dict[str, list[MessageQueue]] = {}
+    for q in sorted(set(queues), key=lambda q: (q.broker, q.queue_id)):
+        out.setdefault(q.broker, []).append(q)
+    return out
+
+
+def _mq_json(topic: str, queue: MessageQueue) -> dict[str, Any]:
+    return {"topic": topic, "brokerName": queue.broker, "queueId": queue.queue_id}
+
+
 def _expect(response: Command, codes: set[int], what: str) -> None:
     if response.code in codes:
         return
@@ -518,6 +738,6 @@ def _local_ip() -> str:
         return "127.0.0.1"
 
 
-__all__ = ["MessageQueue", "PullResult", "RemotingClient", "Route", "SendResult",
-           "StoredMessage"]
+__all__ = ["DELAY_LEVELS", "MessageQueue", "OutgoingMessage", "PullResult", "RemotingClient",
+           "Route", "SendResult", "StoredMessage", "select_by_hash", "send_delay_level"]
 

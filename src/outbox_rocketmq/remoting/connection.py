@@ -13,8 +13,9 @@ import contextlib
 import itertools
 import socket
 import threading
+from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, InvalidStateError
 
 from outbox.errors import BrokerUnavailableError
 from outbox.log import get_logger
@@ -40,14 +41,19 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class Connection:
-    """A connection to ``address`` (``host:port``), open from construction."""
+    """A connection to ``address`` (``host:port``), open from construction.
+
+    ``sent`` counts the requests sent on it by request code (a client passes one
+    counter to all its connections)."""
 
     def __init__(self, address: str, *, connect_timeout: float = 3.0,
                  on_request: RequestHandler | None = None,
-                 handlers: Executor | None = None) -> None:
+                 handlers: Executor | None = None,
+                 sent: Counter[int] | None = None) -> None:
         self.address = address
         self._on_request = on_request
         self._handlers = handlers
+        self.sent: Counter[int] = Counter() if sent is None else sent
         try:
             self._sock = socket.create_connection(parse_address(address), connect_timeout)
         except (OSError, ValueError) as exc:
@@ -56,7 +62,7 @@ class Connection:
         self._sock.settimeout(None)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._send_lock = threading.Lock()
-        self._pending: dict[int, _Waiter] = {}
+        self._pending: dict[int, Future[Command]] = {}
         self._pending_lock = threading.Lock()
         self._opaque = itertools.count(1)
         self._closed: str | None = None
@@ -72,23 +78,31 @@ class Connection:
 
     def request(self, command: Command, timeout: float) -> Command:
         """Send ``command`` and wait for its response."""
-        command.opaque = next(self._opaque)
-        waiter = _Waiter()
+        future = self.request_async(command)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise RemotingError(
+                f"RocketMQ at {self.address} did not answer request {command.code} in "
+                f"{timeout:g} s") from None
+
+    def request_async(self, command: Command) -> Future[Command]:
+        """Send ``command``; its response comes as the result of the future returned
+        (a RemotingError when the connection fails first). The caller bounds the
+        wait; cancelling the future forgets the request (a late answer is dropped)."""
+        command.opaque = opaque = next(self._opaque)
+        future: Future[Command] = Future()
         with self._pending_lock:
             self._check_open()
-            self._pending[command.opaque] = waiter
-        try:
-            self._send(command)
-            if not waiter.event.wait(timeout):
-                raise RemotingError(
-                    f"RocketMQ at {self.address} did not answer request {command.code} in "
-                    f"{timeout:g} s")
-        finally:
-            with self._pending_lock:
-                self._pending.pop(command.opaque, None)
-        if waiter.response is None:
-            raise RemotingError(f"RocketMQ at {self.address}: {waiter.error}")
-        return waiter.response
+            self._pending[opaque] = future
+        future.add_done_callback(lambda _f: self._forget(opaque))
+        self._send(command)
+        return future
+
+    def _forget(self, opaque: int) -> None:
+        with self._pending_lock:
+            self._pending.pop(opaque, None)
 
     def oneway(self, command: Command) -> None:
         """Send ``command`` without waiting for an answer."""
@@ -104,6 +118,8 @@ class Connection:
         data = command.encode()
         with self._send_lock:
             self._check_open()
+            if not command.is_response:
+                self.sent[command.code] += 1
             try:
                 self._sock.sendall(data)
             except OSError as exc:
@@ -145,13 +161,13 @@ class Connection:
     def _dispatch(self, command: Command) -> None:
         if command.is_response:
             with self._pending_lock:
-                waiter = self._pending.get(command.opaque)
-            if waiter is None:
+                future = self._pending.pop(command.opaque, None)
+            if future is None:
                 log.debug("rocketmq_late_response", address=self.address,
                           opaque=command.opaque, code=command.code)
                 return
-            waiter.response = command
-            waiter.event.set()
+            with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                future.set_result(command)
             return
         if self._on_request is None:
             log.warning("rocketmq_unexpected_request", address=self.address, code=command.code)
@@ -175,11 +191,11 @@ class Connection:
         with self._pending_lock:
             if self._closed is None:
                 self._closed = reason
-            waiters = list(self._pending.values())
+            futures = list(self._pending.values())
             self._pending.clear()
-        for waiter in waiters:
-            waiter.error = reason
-            waiter.event.set()
+        for future in futures:
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(RemotingError(f"RocketMQ at {self.address}: {reason}"))
         with contextlib.suppress(OSError):
             self._sock.close()
 
@@ -189,12 +205,3 @@ class Connection:
         self._fail("the connection was closed by this client")
         if threading.current_thread() is not self._reader:
             self._reader.join(2.0)
-
-
-class _Waiter:
-    __slots__ = ("error", "event", "response")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.response: Command | None = None
-        self.error = "no answer"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ class RequestCode:
     GET_CONSUMER_LIST_BY_GROUP = 38
     CHECK_TRANSACTION_STATE = 39
     NOTIFY_CONSUMER_IDS_CHANGED = 40
+    LOCK_BATCH_MQ = 41
+    UNLOCK_BATCH_MQ = 42
     GET_ROUTEINFO_BY_TOPIC = 105
     SEND_BATCH_MESSAGE = 320
 
@@ -256,6 +258,90 @@ def decode_properties(text: str) -> dict[str, str]:
         if sep and name:
             properties[name] = value
     return properties
+
+
+# -- batches (SEND_BATCH_MESSAGE's body) -------------------------------------------------
+
+#: The largest message the broker stores (its default ``maxMessageSize``, 4 MiB); a
+#: batch is stored as one append, so all of a batch's stored messages together too.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Properties are a Java ``short``-sized string in every format.
+MAX_PROPERTIES_BYTES = 32767
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One message of a batch: its body, its properties (already encoded with
+    :func:`encode_properties`) and its flag."""
+
+    body: bytes
+    properties: str
+    flag: int = 0
+
+
+def encode_batch(items: Sequence[BatchItem]) -> bytes:
+    """A batch as Java's ``MessageDecoder.encodeMessages`` writes it, the body of
+    SEND_BATCH_MESSAGE: per message its total size, a magic code and a body CRC
+    (both 0: the broker computes the CRC), its flag, the body with its length, and
+    the properties with a 2-byte length."""
+    parts = []
+    for item in items:
+        props = item.properties.encode("utf-8")
+        if len(props) > MAX_PROPERTIES_BYTES:
+            raise ValueError(f"a message's properties take {len(props)} bytes; RocketMQ "
+                             f"takes at most {MAX_PROPERTIES_BYTES}")
+        size = 4 + 4 + 4 + 4 + 4 + len(item.body) + 2 + len(props)
+        parts.append(struct.pack(">iiiii", size, 0, 0, item.flag, len(item.body)) + item.body
+                     + struct.pack(">h", len(props)) + props)
+    return b"".join(parts)
+
+
+def decode_batch(data: bytes) -> list[BatchItem]:
+    """The messages of an encoded batch (Java's ``MessageDecoder.decodeMessages``):
+    what a fake broker in a test reads out of SEND_BATCH_MESSAGE."""
+    items = []
+    at = 0
+    try:
+        while at < len(data):
+            size, _magic, _crc, flag, body_len = struct.unpack_from(">iiiii", data, at)
+            body = data[at + 20:at + 20 + body_len]
+            (props_len,) = struct.unpack_from(">h", data, at + 20 + body_len)
+            start = at + 22 + body_len
+            props = data[start:start + props_len].decode("utf-8")
+            if size != 22 + body_len + props_len or body_len < 0 or props_len < 0 \
+                    or start + props_len > len(data):
+                raise ProtocolError(f"a batch message of {size} bytes at {at} does not add up")
+            items.append(BatchItem(body, props, flag))
+            at += size
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"a batch that does not parse: {exc}") from None
+    return items
+
+
+def stored_size(body_bytes: int, properties_bytes: int, topic_bytes: int) -> int:
+    """How many bytes the broker stores for a message (IPv4 hosts): what counts
+    against ``maxMessageSize``."""
+    return 91 + body_bytes + topic_bytes + properties_bytes
+
+
+def java_string_hash(text: str) -> int:
+    """Java's ``String.hashCode()``: ``s[0]*31^(n-1) + ... + s[n-1]`` over the UTF-16
+    code units, as a signed 32-bit int."""
+    value = 0
+    units = text.encode("utf-16-be")
+    for i in range(0, len(units), 2):
+        value = (31 * value + ((units[i] << 8) | units[i + 1])) & 0xFFFFFFFF
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def hash_index(key: str, count: int) -> int:
+    """The index RocketMQ's ``SelectMessageQueueByHash`` picks among ``count``
+    queues for ``key``: Java's remainder of the key's hash code, made positive."""
+    if count < 1:
+        raise ValueError("no queue to choose from")
+    # Java: Math.abs(hash % count), its % keeping the dividend's sign: the same as
+    # abs(hash) % count in Python's integers (Integer.MIN_VALUE included).
+    return abs(java_string_hash(key)) % count
 
 
 # -- stored messages (pull results, check-back requests) ------------------------------
