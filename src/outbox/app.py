@@ -168,13 +168,15 @@ class BaseOutbox:
     def message(
         self, *, topic: str, payload: Any, key: str | int | None = None,
         message_id: str | int | None = None, tag: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None, deliver_at: dt.datetime | None = None,
+        deliver_after: dt.timedelta | None = None,
     ) -> Message:
         """The message ``send`` would write: ``payload`` encoded with this codec."""
         check_options(topic, None)
         return build_message(self.codec, topic=topic, body=payload, key=key,
                              message_id=RANDOM_ID if message_id is None else message_id,
-                             tag=tag, headers=headers)
+                             tag=tag, headers=headers, deliver_at=deliver_at,
+                             deliver_after=deliver_after)
 
     def _scope_for(self, session: Session, user_session: Any, what: str) -> Scope:
         """The scope a message sent on ``session`` joins: the framework's open one, or
@@ -274,19 +276,25 @@ class Outbox(BaseOutbox):
     def send(
         self, session: Session, *, topic: str, payload: Any, key: str | int | None = None,
         message_id: str | int | None = None, tag: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None, deliver_at: dt.datetime | None = None,
+        deliver_after: dt.timedelta | None = None,
     ) -> Message:
         """Add a message to ``session``'s transaction: it is sent if and only if that
         transaction commits. Works on any session of this outbox's database: the
         caller's own (a web framework's, a repository's), the one a decorated
-        function or a consumer's handler is given. Returns the message."""
+        function or a consumer's handler is given. Returns the message.
+
+        ``deliver_at`` (an aware datetime) or ``deliver_after`` (a timedelta from now),
+        not both, holds the message back until then: nothing delivers it earlier. A
+        time already past means at once."""
         if not isinstance(session, Session):
             raise MisuseError(
                 f"Outbox.send needs a sync SQLAlchemy Session, got {type(session).__name__}; "
                 "for an AsyncSession use  await AsyncOutbox(...).send(session, ...)"
             )
         message = self.message(topic=topic, payload=payload, key=key, message_id=message_id,
-                               tag=tag, headers=headers)
+                               tag=tag, headers=headers, deliver_at=deliver_at,
+                               deliver_after=deliver_after)
         scope = self._scope_for(session, session, "Outbox.send")
         self._register(topic)
         self._join(scope, message, session)
@@ -330,11 +338,13 @@ class Outbox(BaseOutbox):
         message_id: str | Callable[..., Any] | None = None,
         tag: str | None = None,
         headers: Mapping[str, str] | None = None,
+        deliver_at: str | Callable[..., dt.datetime | None] | None = None,
+        deliver_after: dt.timedelta | str | Callable[..., dt.timedelta | None] | None = None,
     ) -> Callable[[Callable[..., R]], Callable[..., R]]:
         """See :func:`transactional_message`."""
         return transactional_message(
             self, topic=topic, payload=payload, key=key, message_id=message_id,
-            tag=tag, headers=headers,
+            tag=tag, headers=headers, deliver_at=deliver_at, deliver_after=deliver_after,
         )
 
 
@@ -347,6 +357,8 @@ def transactional_message(
     message_id: str | Callable[..., Any] | None = None,
     tag: str | None = None,
     headers: Mapping[str, str] | None = None,
+    deliver_at: str | Callable[..., dt.datetime | None] | None = None,
+    deliver_after: dt.timedelta | str | Callable[..., dt.timedelta | None] | None = None,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Decorate ``fn(session, *args, **kwargs)`` so its database work and a message
     commit together or not at all.
@@ -364,13 +376,19 @@ def transactional_message(
     ``key`` and ``message_id`` are a parameter name or a callable. A deterministic
     ``message_id`` (say, a transfer number) makes the consumer's de-duplication
     follow your business key.
+
+    ``deliver_after`` (one ``timedelta`` for every call, or a parameter name or a
+    callable giving each call's) or ``deliver_at`` (a parameter name or a callable
+    giving an aware datetime), not both, holds the message back: nothing delivers it
+    before then. None, or a time already past, means at once.
     """
     check_options(topic, payload)
 
     def decorate(fn: Callable[..., R]) -> Callable[..., R]:
         check_function_kind(fn, is_async=False, decorator="Outbox.transactional_message")
         spec = MessageSpec(fn, topic=topic, payload=payload, key=key, message_id=message_id,
-                           tag=tag, headers=headers)
+                           tag=tag, headers=headers, deliver_at=deliver_at,
+                           deliver_after=deliver_after)
         outbox._register(topic)
 
         @functools.wraps(fn)

@@ -59,7 +59,7 @@ from .db import (
     safe_url,
     supports_skip_locked,
 )
-from .envelope import decode_headers, encode_headers
+from .envelope import decode_headers, delivery_time, encode_headers
 from .errors import BrokerUnavailableError, ConfigurationError, PublishError
 from .message import Message
 from .schema import (
@@ -476,6 +476,12 @@ class _Statements:
                      .where(*ready[:3], seq_in(deliveries.c.seq, "seqs"))
                      .values(attempts=deliveries.c.attempts + 1,
                              visible_at=bindparam("until", type_=deliveries.c.visible_at.type)))
+        # A delivery claimed before its message's delivery time: hidden until then, its
+        # attempts untouched (it was not handed out).
+        self.defer = (update(deliveries)
+                      .where(deliveries.c.consumer_group == group,
+                             deliveries.c.seq == bindparam("the_seq"))
+                      .values(visible_at=bindparam("until", type_=deliveries.c.visible_at.type)))
 
     def recheck(self, ranges: int) -> Any:
         """The rows now present in ``ranges`` gap ranges (``lo0``/``hi0``, ...)."""
@@ -617,6 +623,11 @@ def claim(conn: Connection, topic: str, group: str, max_messages: int,
     (``SKIP LOCKED``) leaves the registering to the one holding it and claims what
     is ready. Groups have a cursor each. Retries, the visibility timeout and dead
     letters live on the delivery rows as before.
+
+    A message with a delivery time (the ``outbox-deliver-at`` header) still in the
+    future is not handed out: its delivery row is hidden until that time, without
+    counting an attempt (a publisher may put one on the queue early; a relay
+    publishes it on time).
     """
     now = utcnow()
     st = _statements(conn)
@@ -631,20 +642,43 @@ def claim(conn: Connection, topic: str, group: str, max_messages: int,
         if not claimed:
             return []
         seqs = [r[0] for r in claimed]
-        conn.execute(st.hide, {**key, "seqs": seqs,
-                               "until": now + dt.timedelta(seconds=visibility_timeout)})
         if st.joined:
             rows = [(r[0], *r[2:]) for r in claimed]
         else:
             rows = [tuple(r) for r in conn.execute(st.bodies, {"seqs": seqs})]
+        out = [
+            (seq, t, message_id, k, tag, decode_headers(headers), payload)
+            for seq, t, message_id, k, tag, headers, payload in rows
+        ]
+        later = _not_yet_due(out, now)
+        if later:
+            conn.execute(st.defer, [{"the_group": group, "the_seq": seq, "until": until}
+                                    for seq, until in later.items()])
+            seqs = [seq for seq in seqs if seq not in later]
+            out = [r for r in out if r[0] not in later]
+        if seqs:
+            conn.execute(st.hide, {**key, "seqs": seqs,
+                                   "until": now + dt.timedelta(seconds=visibility_timeout)})
     attempts = {r[0]: r[1] + 1 for r in claimed}
     return [
         Delivery(
             topic=t, payload=bytes(payload), message_id=message_id, attempt=attempts[seq],
-            key=k, tag=tag, headers=decode_headers(headers), handle=seq,
+            key=k, tag=tag, headers=headers, handle=seq,
         )
-        for seq, t, message_id, k, tag, headers, payload in rows
+        for seq, t, message_id, k, tag, headers, payload in out
     ]
+
+
+def _not_yet_due(rows: Sequence[tuple[Any, ...]], now: dt.datetime) -> dict[int, dt.datetime]:
+    """The claimed rows whose delivery time is after ``now``, each with that time."""
+    later: dict[int, dt.datetime] = {}
+    for row in rows:
+        headers: Mapping[str, str] = row[5]
+        if headers:
+            due = delivery_time(headers)
+            if due is not None and due > now:
+                later[row[0]] = due
+    return later
 
 
 _group = bindparam("the_group", type_=deliveries.c.consumer_group.type)

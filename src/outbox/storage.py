@@ -45,7 +45,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import dialect_name, lock_for_writing, supports_skip_locked
-from .envelope import decode_headers, encode_headers
+from .envelope import decode_headers, delivery_time, encode_headers
 from .errors import ConfigurationError, DuplicateMessageError
 from .message import Message
 from .schema import (
@@ -86,10 +86,19 @@ def insert_message(
     message: Message, *, due_at: dt.datetime | None = None
 ) -> tuple[Insert, dict[str, object]]:
     """The INSERT of ``message`` as a pending outbox row, and its parameters.
-    ``due_at`` holds the row back until then (a guard row, see the RocketMQ adapter)."""
-    row = message_row(message, utcnow())
-    if due_at is not None:
-        row["next_attempt_at"] = due_at
+
+    ``due_at`` holds the row back until then (a guard row, see the RocketMQ adapter).
+    A message with a delivery time (the ``outbox-deliver-at`` header) is held back
+    until that time too: the row is due at the later of the two, and never before
+    now. While it waits, the later rows of its key wait behind it (see :func:`claim`).
+    """
+    now = utcnow()
+    row = message_row(message, now)
+    due = now if due_at is None else due_at
+    deliver = delivery_time(message.headers)
+    if deliver is not None and deliver > due:
+        due = deliver
+    row["next_attempt_at"] = due
     return INSERT_MESSAGE, row
 
 
@@ -201,7 +210,9 @@ def claim(conn: Connection, batch_size: int, now: dt.datetime) -> list[ClaimedRo
     claim takes the single write lock). A row is held back while an earlier row
     with the same key is still pending and not part of this claim, or dead (its key
     is parked until the dead row is replayed or discarded), so messages with one
-    key leave in commit order even with several relays running.
+    key leave in commit order even with several relays running. A delayed row
+    (``next_attempt_at`` its delivery time) is such an earlier pending row: the
+    later rows of its key wait until it has gone.
 
     Due rows are read in due-time order from the (status, next_attempt_at, seq)
     index: rows backing off sort after every due row, so however many of them wait

@@ -5,6 +5,11 @@ group, the same delivery state the SQL transport keeps: attempts, visibility,
 acknowledgement, retry delay and dead letters. It is thread-safe and lives only
 as long as the process.
 
+A message with a delivery time (the ``outbox-deliver-at`` header, see
+``Outbox.send(deliver_after=...)``) is not handed out before that time, by the wall
+clock (UTC), as the SQL transport does; a waiting fetch picks it up within 50 ms
+after it. There is no fake clock: a test of a delay waits it out, so keep it short.
+
 The broker is itself the sync publisher; :meth:`InMemoryBroker.subscriber` hands
 out sync subscribers. :meth:`InMemoryBroker.async_publisher` and
 :meth:`InMemoryBroker.async_subscriber` are their asyncio forms over the same
@@ -15,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .envelope import DELIVER_AT_HEADER, delivery_time
 from .errors import BrokerUnavailableError, PublishError
 from .message import Message
+from .schema import utcnow
 from .sql_queue import PollWait
 from .transport import Delivery
 
@@ -158,6 +166,7 @@ class InMemoryBroker:
     def _fetch(self, sub: _Subscription, max_messages: int) -> list[Delivery]:
         """Claim up to ``max_messages`` visible deliveries (the lock is held)."""
         now = time.monotonic()
+        wall: dt.datetime | None = None
         g = self._groups.setdefault((sub.topic, sub.group), _Group())
         out: list[Delivery] = []
         for index, d in enumerate(self._log):
@@ -166,6 +175,11 @@ class InMemoryBroker:
             state = g.states.setdefault(index, _State())
             if state.status != "ready" or state.visible_at > now:
                 continue
+            if DELIVER_AT_HEADER in d.headers:
+                due = delivery_time(d.headers)
+                wall = wall or utcnow()
+                if due is not None and due > wall:
+                    continue  # not before its delivery time
             state.attempts += 1
             state.visible_at = now + sub.visibility_timeout
             out.append(Delivery(topic=d.topic, payload=d.payload, message_id=d.message_id,

@@ -100,7 +100,8 @@ class SqlAlchemyTransactionListener:
         """Run ``arg`` (a :class:`LocalWork`) with the log row in one transaction.
 
         With ``guard_until``, the message is also written as an outbox row due at
-        that time: if the broker never delivers the half message, a relay will.
+        that time (or at its delivery time, if later): if the broker never delivers
+        the half message, a relay will.
         """
         work: LocalWork = arg
         if self.session_factory is None:
@@ -200,7 +201,8 @@ class TransactionLogTicket:
     ``check`` answers the broker's check-back from that row. Before the commit, a
     transaction that ran past half the local-transaction timeout is refused (a
     check-back may already have answered ROLLBACK). ``guard_until`` also writes the
-    message as an outbox row due then (see the RocketMQ adapter's guard row).
+    message as an outbox row due then, or at the message's delivery time
+    (``outbox-deliver-at``) if that is later (see the RocketMQ adapter's guard row).
     Subclasses (broker adapters) add what follows the commit.
     """
 

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from outbox.aio.app import AsyncOutbox
 from outbox.app import BaseOutbox, LocalOutbox, Outbox
+from outbox.envelope import delivery_time
 from outbox.errors import BrokerUnavailableError, ConfigurationError, MessageError, OutboxError
 from outbox.log import get_logger
 from outbox.message import Message, TransactionState
@@ -29,6 +30,7 @@ from .config import RocketMQConfig
 from .halfsend import GrpcHalfSender, HalfSender, half_sender
 from .mapping import MESSAGE_ID_PROPERTY, Received, to_message
 from .tickets import AsyncHalfMessageTicket, HalfMessageTicket
+from .topics import accepted_types, allows_normal, type_name
 
 log = get_logger("outbox.rocketmq")
 
@@ -45,8 +47,6 @@ NEAR_LIMIT_KEPT = 1000
 #: about 15 minutes), so the relay sends a guard row only for a message the broker
 #: no longer has.
 DEFAULT_GUARD_AFTER = dt.timedelta(minutes=20)
-#: The 5.x client's number for a normal message type (its ``MessageType.NORMAL``).
-_NORMAL_TYPE = 1
 
 
 class _Default:
@@ -87,7 +87,7 @@ class RocketMQTransactionalProducer:
     This costs one more INSERT in the transaction and one UPDATE after it, and
     needs a topic that takes normal sends too (MIXED on 5.x; any topic on 4.x) and
     a relay, as the fallback does: :meth:`start` refuses a 5.x topic that takes
-    transactional messages only, unless the guard is turned off explicitly.
+    no normal sends (a TRANSACTION topic), unless the guard is turned off explicitly.
 
     The same object serves an :class:`outbox.AsyncOutbox`: the client's blocking
     calls then run on a pool of ``workers`` threads owned by the producer, the
@@ -273,24 +273,31 @@ class RocketMQTransactionalProducer:
         every topic takes every message)."""
         if self.guard_after is None and not self.fallback_to_outbox:
             return
-        if not isinstance(producer, GrpcHalfSender):
-            return
         for topic in self.topics:
-            try:
-                route = producer.producer._retrieve_topic_route_data(topic)
-            except Exception as exc:
-                raise wrap_error(exc, self.config, f"reading the type of topic {topic}") from None
-            types = {t for q in route.message_queues for t in q.accept_message_types}
-            if types and _NORMAL_TYPE not in types:
+            kind = self._refuses_normal(producer, topic)
+            if kind is not None:
                 uses = "the guard row" if self.guard_after is not None else "the fallback"
                 raise ConfigurationError(
-                    f"RocketMQ topic {topic!r} takes transactional messages only, but {uses} "
+                    f"RocketMQ topic {topic!r} ({kind}) takes no normal sends, but {uses} "
                     "sends a message the broker lost as a normal one through the relay: make "
                     f"the topic MIXED (mqadmin updateTopic -t {topic} -a +message.type=MIXED, "
                     "with enableMixedMessageType=true on the broker), or pass "
                     "guard_after=None to go without the guard row (a half message the broker "
                     "drops after transactionCheckMax checks is then lost; outbox "
                     "rocketmq-recover reports it)")
+
+    def _refuses_normal(self, producer: HalfSender, topic: str) -> str | None:
+        """The type of ``topic`` if it refuses normal sends (a 5.x TRANSACTION topic,
+        say), else None."""
+        if not isinstance(producer, GrpcHalfSender):
+            return None
+        try:
+            types = accepted_types(producer.producer, topic)
+        except OutboxError:
+            raise
+        except Exception as exc:
+            raise wrap_error(exc, self.config, f"reading the type of topic {topic}") from None
+        return None if allows_normal(types) else type_name(types)
 
     def _shutdown_client(self) -> None:
         with self._lock:
@@ -321,8 +328,13 @@ class RocketMQTransactionalProducer:
 
     def prepare(self, outbox: Outbox, message: Message) -> Ticket:
         """Send ``message`` as a half message; the ticket writes its transaction-log row
-        in the local transaction and commits or rolls back the half message after it."""
+        in the local transaction and commits or rolls back the half message after it.
+        A message with a delivery time still ahead goes through the local outbox."""
         self.register(message.topic, outbox)
+        when = delivery_time(message.headers)
+        if when is not None and when > utcnow():
+            self._delay_via_outbox(message, when)
+            return LocalOutbox().prepare(outbox, message)
         try:
             transaction = self._send_half(message)
         except OutboxError as error:
@@ -337,6 +349,10 @@ class RocketMQTransactionalProducer:
         self.register(message.topic, outbox)
         loop = asyncio.get_running_loop()
         self._remember_loop(outbox, loop)
+        when = delivery_time(message.headers)
+        if when is not None and when > utcnow():  # rare: the check may block
+            await self._calls.run(self._delay_via_outbox, message, when)
+            return await LocalOutbox().aprepare(outbox, message)
         sending = self._calls.submit(self._send_half, message)
         try:
             transaction = await asyncio.shield(asyncio.wrap_future(sending))
@@ -349,6 +365,21 @@ class RocketMQTransactionalProducer:
             raise
         return AsyncHalfMessageTicket(self, outbox, message, transaction, self._guard_until(),
                                       loop)
+
+    def _delay_via_outbox(self, message: Message, when: dt.datetime) -> None:
+        """``message`` asks to be delivered at ``when``: RocketMQ cannot delay a
+        transactional message, so it becomes an outbox row due then (written in the
+        same local transaction), and a relay sends it on time as a normal message.
+        Refused before anything is written when the topic takes no normal sends."""
+        kind = self._refuses_normal(self._started(), message.topic)
+        if kind is not None:
+            raise ConfigurationError(
+                f"message {message.id} asks to be delivered at {when:%Y-%m-%d %H:%M:%S} UTC, "
+                "and RocketMQ cannot delay a transactional message: it goes through the "
+                f"outbox and a relay's normal send, which topic {message.topic!r} ({kind}) "
+                "refuses; make the topic MIXED, or send it without a delay")
+        log.info("rocketmq_delayed_via_outbox", deliver_at=when.isoformat() + "Z",
+                 **message.log_fields())
 
     def _send_half(self, message: Message) -> Any:
         """Send the half message (blocking); returns the client's handle of it."""

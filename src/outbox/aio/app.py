@@ -155,16 +155,19 @@ class AsyncOutbox(BaseOutbox):
     async def send(
         self, session: AsyncSession, *, topic: str, payload: Any, key: str | int | None = None,
         message_id: str | int | None = None, tag: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None, deliver_at: dt.datetime | None = None,
+        deliver_after: dt.timedelta | None = None,
     ) -> Message:
-        """Add a message to ``session``'s transaction (see :meth:`outbox.Outbox.send`)."""
+        """Add a message to ``session``'s transaction (see :meth:`outbox.Outbox.send`;
+        ``deliver_at``/``deliver_after`` hold it back the same way)."""
         if not isinstance(session, AsyncSession):
             raise MisuseError(
                 f"AsyncOutbox.send needs an AsyncSession, got {type(session).__name__}; for a "
                 "sync Session use Outbox(engine).send(session, ...)"
             )
         message = self.message(topic=topic, payload=payload, key=key, message_id=message_id,
-                               tag=tag, headers=headers)
+                               tag=tag, headers=headers, deliver_at=deliver_at,
+                               deliver_after=deliver_after)
         scope = self._scope_for(session.sync_session, session, "AsyncOutbox.send")
         self._register(topic)
         await self._join(scope, message)
@@ -206,6 +209,8 @@ class AsyncOutbox(BaseOutbox):
         message_id: str | Callable[..., Any] | None = None,
         tag: str | None = None,
         headers: Mapping[str, str] | None = None,
+        deliver_at: str | Callable[..., dt.datetime | None] | None = None,
+        deliver_after: dt.timedelta | str | Callable[..., dt.timedelta | None] | None = None,
     ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
         """Decorate ``async def fn(session, *args, **kwargs)``: its database work and a
         message commit together or not at all (see :func:`outbox.transactional_message`;
@@ -215,7 +220,8 @@ class AsyncOutbox(BaseOutbox):
         def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
             check_function_kind(fn, is_async=True, decorator="AsyncOutbox.transactional_message")
             spec = MessageSpec(fn, topic=topic, payload=payload, key=key,
-                               message_id=message_id, tag=tag, headers=headers)
+                               message_id=message_id, tag=tag, headers=headers,
+                               deliver_at=deliver_at, deliver_after=deliver_after)
             self._register(topic)
 
             @functools.wraps(fn)
