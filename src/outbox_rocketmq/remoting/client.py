@@ -607,20 +607,15 @@ class RemotingClient:
         returns those locked, the others being locked by another member. A broker
         that cannot be asked counts as "none locked" there, logged."""
         locked: set[MessageQueue] = set()
-        for broker, mine in _by_broker(queues).items():
-            body = json.dumps({"consumerGroup": group, "clientId": self.client_id,
-                               "mqSet": [_mq_json(topic, q) for q in mine]}).encode()
+        answers = self._per_broker(RequestCode.LOCK_BATCH_MQ, group, topic, queues,
+                                   self.request_timeout, "locking", "rocketmq_lock_failed")
+        for broker, response in answers.items():
             try:
-                address = self.route(topic).brokers[broker]
-                response = self.broker(address).request(
-                    Command(RequestCode.LOCK_BATCH_MQ, body=body), self.request_timeout)
-                _expect_success(response, f"locking queues of {topic} on {address}")
                 answer = json.loads(response.body or b"{}")
                 for q in answer.get("lockOKMQSet") or ():
                     if q.get("topic") == topic and q.get("brokerName") == broker:
                         locked.add(MessageQueue(broker, int(q["queueId"])))
-            except (RemotingError, PublishError, KeyError, ValueError, TypeError,
-                    AttributeError) as exc:
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
                 log.warning("rocketmq_lock_failed", topic=topic, broker=broker, group=group,
                             error=f"{type(exc).__name__}: {exc}")
         return locked & set(queues)
@@ -628,18 +623,26 @@ class RemotingClient:
     def unlock_queues(self, group: str, topic: str, queues: Iterable[MessageQueue]) -> None:
         """Give up this client's locks of ``queues`` (UNLOCK_BATCH_MQ), so another
         member takes them at once instead of after the broker's 60 s."""
+        self._per_broker(RequestCode.UNLOCK_BATCH_MQ, group, topic, queues,
+                         min(self.request_timeout, 3.0), "unlocking", "rocketmq_unlock_failed")
+
+    def _per_broker(self, code: int, group: str, topic: str, queues: Iterable[MessageQueue],
+                    timeout: float, doing: str, failed: str) -> dict[str, Command]:
+        """One lock request (``code``) per broker for its share of ``queues``; the
+        successful answers by broker name, the failures logged as ``failed``."""
+        answers: dict[str, Command] = {}
         for broker, mine in _by_broker(queues).items():
             body = json.dumps({"consumerGroup": group, "clientId": self.client_id,
                                "mqSet": [_mq_json(topic, q) for q in mine]}).encode()
             try:
                 address = self.route(topic).brokers[broker]
-                response = self.broker(address).request(
-                    Command(RequestCode.UNLOCK_BATCH_MQ, body=body),
-                    min(self.request_timeout, 3.0))
-                _expect_success(response, f"unlocking queues of {topic} on {address}")
+                response = self.broker(address).request(Command(code, body=body), timeout)
+                _expect_success(response, f"{doing} queues of {topic} on {address}")
+                answers[broker] = response
             except (RemotingError, PublishError, KeyError) as exc:
-                log.warning("rocketmq_unlock_failed", topic=topic, broker=broker, group=group,
+                log.warning(failed, topic=topic, broker=broker, group=group,
                             error=f"{type(exc).__name__}: {exc}")
+        return answers
 
     # -- requests from brokers -----------------------------------------------------------
 
