@@ -4,15 +4,17 @@ and a relay sends it then; a topic that takes no normal sends refuses it up fron
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
 
 import outbox
-from outbox import Relay, RelayConfig
+from outbox import AsyncOutbox, Relay, RelayConfig
 from outbox.errors import ConfigurationError
 from outbox_rocketmq import RocketMQConfig, RocketMQPublisher, RocketMQTransactionalProducer
 
@@ -28,6 +30,7 @@ from .rocketmq_support import (
     unique,
 )
 from .test_rocketmq4 import delivered
+from .test_rocketmq_async import sqlite_db
 
 DELAY = dt.timedelta(seconds=2)
 
@@ -99,3 +102,41 @@ def test_a_delayed_message_to_a_topic_without_normal_sends_is_refused_before_any
     finally:
         mixed.close()
     assert outbox_row(engine, order_no).status == "pending"
+
+
+@pytest.mark.rocketmq
+def test_an_async_delayed_message_becomes_an_outbox_row_and_a_refused_one_writes_nothing(
+    rocketmq_endpoints: str, tmp_path: Path,
+) -> None:
+    config = RocketMQConfig(rocketmq_endpoints)
+    engine, aengine = sqlite_db(tmp_path, "a.db")
+    mixed = RocketMQTransactionalProducer(config, [MIXED_TOPIC])
+    refusing = RocketMQTransactionalProducer(config, [TX_TOPIC_A], guard_after=None)
+    ob = AsyncOutbox(aengine, delivery=mixed)
+    other = AsyncOutbox(aengine, delivery=refusing)
+
+    @ob.transactional_message(topic=MIXED_TOPIC, message_id="no", deliver_after=DELAY)
+    async def later(session: AsyncSession, no: str) -> None:
+        pass
+
+    @other.transactional_message(topic=TX_TOPIC_A, message_id="no", deliver_after=DELAY)
+    async def refused(session: AsyncSession, no: str) -> None:
+        raise AssertionError("must not run")
+
+    ok, no = unique("a-later"), unique("a-refused")
+
+    async def scenario() -> None:
+        try:
+            await later(ok)
+            with pytest.raises(ConfigurationError, match="cannot delay"):
+                await refused(no)
+        finally:
+            await mixed.aclose()
+            await refusing.aclose()
+            await aengine.dispose()
+
+    asyncio.run(scenario())
+    row = outbox_row(engine, ok)
+    assert row.status == "pending" and row.next_attempt_at > row.created_at
+    with engine.connect() as conn:
+        assert outbox.storage.counts(conn)["pending"] == 1
