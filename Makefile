@@ -42,11 +42,12 @@ demo-rocketmq4: $(STAMP)
 	  --transport rocketmq --rocketmq-namesrv "$$OUTBOX_TEST_ROCKETMQ4_NAMESRV"
 
 # The services under faults (kills, outages, hostile messages) on every database and
-# adapter; ends with a CHAOS line, non-zero when anything was lost or duplicated.
+# adapter (SQL transport, RocketMQ 5 through the proxy, RocketMQ 4.9 over remoting); ends with a CHAOS line, non-zero when anything was lost or duplicated.
 # More: make chaos CHAOS_ARGS="--matrix full --transfers 200 --seed 42"
 CHAOS_ARGS ?=
 chaos: $(STAMP) services
-	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) \
+	eval "$$(scripts/services env)"; eval "$$(scripts/rocketmq4 env)"; \
+	  OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) \
 	  PYTHONPATH=examples $(PY) -m bank_transfer.chaos $(CHAOS_ARGS)
 
 # The project's benchmark: one table, bench.json, and a last line starting BENCH.

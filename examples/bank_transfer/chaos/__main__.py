@@ -25,15 +25,23 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from outbox_rocketmq import RocketMQConfig
-
 from .. import CONSUMER_GROUP
 from ..transports import DEFAULT_ENDPOINTS
 from . import hostile
-from .matrix import ADAPTERS, DATABASES, SCENARIOS, ensure_databases, place, server_url
+from .matrix import (
+    ADAPTERS,
+    DATABASES,
+    SCENARIOS,
+    broker,
+    ensure_databases,
+    place,
+    server_url,
+)
 from .runner import Row, Settings, run_scenario
 
 MARKER = ".bank-transfer-chaos"
+#: Where scripts/rocketmq4 runs the 4.9 name server (OUTBOX_TEST_ROCKETMQ4_NAMESRV).
+DEFAULT_NAMESRV = "127.0.0.1:19876"
 
 
 def say(line: str = "") -> None:
@@ -75,7 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=Path(".chaos"),
                         help="run folder with the services' logs, wiped at start (default .chaos)")
     parser.add_argument("--rocketmq-endpoints", default=os.environ.get(
-        "OUTBOX_TEST_ROCKETMQ_ENDPOINTS", DEFAULT_ENDPOINTS))
+        "OUTBOX_TEST_ROCKETMQ_ENDPOINTS", DEFAULT_ENDPOINTS),
+        help="the RocketMQ 5 gRPC proxy, for outbox-rocketmq and rocketmq (default "
+             "$OUTBOX_TEST_ROCKETMQ_ENDPOINTS or %(default)s)")
+    parser.add_argument("--rocketmq-namesrv", default=os.environ.get(
+        "OUTBOX_TEST_ROCKETMQ4_NAMESRV", DEFAULT_NAMESRV),
+        help="the RocketMQ 4.9 name server, for outbox-rocketmq4 and rocketmq4 (default "
+             "$OUTBOX_TEST_ROCKETMQ4_NAMESRV or %(default)s, as scripts/rocketmq4 runs it)")
     args = parser.parse_args(argv)
     if args.transfers < 1 or args.threads < 1:
         parser.error("--transfers and --threads must be at least 1")
@@ -152,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
             ensure_databases(url)
             servers[name] = url
     settings = Settings(args.transfers, args.threads, args.settle_timeout, args.load_timeout,
-                        args.outage_seconds, args.rocketmq_endpoints)
-    dlq: hostile.DeadLetterReader | None = None
+                        args.outage_seconds, args.rocketmq_endpoints, args.rocketmq_namesrv)
+    # One dead-letter reader per broker in use, by broker (rocketmq, rocketmq4).
+    dlqs: dict[str, hostile.DeadLetterReader] = {}
     rows: list[Row] = []
     began = time.monotonic()
     try:
-        if any(a != "sql" for a in args.adapters):
-            dlq = hostile.DeadLetterReader(RocketMQConfig(args.rocketmq_endpoints),
-                                           f"chaos-dlq-{token}")
-            dlq.ready()
+        for adapter in args.adapters:
+            where = broker(adapter)
+            if where is not None and where not in dlqs:
+                dlqs[where] = hostile.DeadLetterReader(settings.broker_config(adapter),
+                                                       f"chaos-dlq-{token}")
+                dlqs[where].ready()
         for number, (database, adapter, name) in enumerate(
                 runs(args, servers, workdir), start=1):
             scenario = SCENARIOS[name]
@@ -177,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{scenario.what}")
                 try:
                     run_scenario(row, scenario, placement, folder, run_seed, settings,
-                                 group, f"c{token}n{number}", dlq)
+                                 group, f"c{token}n{number}",
+                                 dlqs.get(broker(adapter) or ""))
                 except Exception as exc:  # the harness itself failed: count it as stuck
                     row.verdict.stuck += 1
                     row.notes.append(f"harness error {type(exc).__name__}: "
@@ -190,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted")
         return 130
     finally:
-        if dlq is not None:
-            dlq.close()
+        for reader in dlqs.values():
+            reader.close()
     ran = [r for r in rows if not r.skipped]
     say("")
     say(HEADER)

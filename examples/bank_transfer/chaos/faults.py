@@ -35,6 +35,7 @@ from outbox import Delivery, Message, ReceivedMessage
 from outbox.consumer import Handler
 from outbox.typing import BatchPublisher, Publisher, Subscriber
 from outbox_rocketmq import RocketMQTransactionalProducer
+from outbox_rocketmq.halfsend import HalfSender
 
 CRASH_ENV = "BANK_TRANSFER_CRASH"
 SEED_ENV = "BANK_TRANSFER_CRASH_SEED"
@@ -117,21 +118,26 @@ def install_commit_hooks() -> None:
         event.listen(Session, "after_commit", lambda _s: FAULTS.maybe_crash("after_commit"))
 
 
-class _CrashingClient:
-    """The RocketMQ client producer, dying right after a half message went out."""
+class _CrashingSender:
+    """The producer's half sender (5.x gRPC or 4.x remoting, the same face), dying
+    right after a half message went out."""
 
-    def __init__(self, producer: Any) -> None:
-        self._producer = producer
+    def __init__(self, sender: HalfSender) -> None:
+        self._sender = sender
 
-    def send(self, message: Any, transaction: Any = None) -> Any:
-        if transaction is None:
-            return self._producer.send(message)
-        receipt = self._producer.send(message, transaction)
+    def send_half(self, message: Message) -> Any:
+        handle = self._sender.send_half(message)
         FAULTS.maybe_crash("after_half_send")
-        return receipt
+        return handle
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._producer, name)
+    def end(self, handle: Any, commit: bool) -> None:
+        self._sender.end(handle, commit)
+
+    def send(self, message: Message) -> None:
+        self._sender.send(message)
+
+    def shutdown(self) -> None:
+        self._sender.shutdown()
 
 
 class CrashingProducer(RocketMQTransactionalProducer):
@@ -146,8 +152,8 @@ class CrashingProducer(RocketMQTransactionalProducer):
         FAULTS.maybe_crash("before_half_send")
         return await super().aprepare(outbox, message)
 
-    def _started(self) -> Any:
-        return _CrashingClient(super()._started())
+    def _started(self) -> HalfSender:
+        return _CrashingSender(super()._started())
 
     def _end(self, transaction: Any, state: Any, message: Message) -> bool:
         FAULTS.maybe_crash("before_end")

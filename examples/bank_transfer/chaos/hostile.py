@@ -2,7 +2,8 @@
 
 Each must end dead-lettered with a reason that names what is wrong (the keyword
 below), and change no balance. On the SQL transport they are rows put with
-``SqlTransport.put_raw``; on RocketMQ, sends of a raw client producer. Every one
+``SqlTransport.put_raw``; on RocketMQ 5, sends of a raw client producer (gRPC); on
+RocketMQ 4.9, sends of a bare remoting client (``RemotingClient.send``). Every one
 carries its case in property ``CHAOS_CASE`` (copied onto a RocketMQ dead letter),
 and, where it has one, an id starting with the scenario's prefix so that bank2's
 run filter passes it on.
@@ -22,12 +23,15 @@ from outbox.codec import DEFAULT_MAX_PAYLOAD_BYTES
 from outbox_rocketmq import RocketMQConfig, RocketMQSubscriber
 from outbox_rocketmq._client import client_configuration, rocketmq
 from outbox_rocketmq.mapping import MESSAGE_ID_PROPERTY
+from outbox_rocketmq.remoting.client import RemotingClient
 
 from .. import DEAD_LETTER_TOPIC, TOPIC
 
 CASE_PROPERTY = "CHAOS_CASE"
-REASON_PROPERTY = "OUTBOX_DEAD_REASON"
-GROUP_PROPERTY = "OUTBOX_DEAD_GROUP"
+#: A dead letter's reason and group (user properties OUTBOX_DEAD_REASON and
+#: OUTBOX_DEAD_GROUP), as headers of the delivery, whichever client received it.
+REASON_HEADER = "outbox-dead-reason"
+GROUP_HEADER = "outbox-dead-group"
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ def put_rocketmq(config: RocketMQConfig, items: list[Case], prefix: str) -> dict
     """Send the cases with a raw producer; returns case -> why the broker refused it
     (an empty body, say, never reaches the topic)."""
     items = [case for case in items if case.name not in NOT_ON_ROCKETMQ]
+    if config.namesrv is not None:
+        return _put_remoting(config.namesrv, items, prefix, config.request_timeout)
     rmq = rocketmq()
     producer = rmq.Producer(client_configuration(config), (TOPIC,))
     producer.startup()
@@ -133,11 +139,33 @@ def put_rocketmq(config: RocketMQConfig, items: list[Case], prefix: str) -> dict
     return refused
 
 
+def _put_remoting(namesrv: str, items: list[Case], prefix: str,
+                  timeout: float) -> dict[str, str]:
+    """The cases onto a 4.x topic, sent over the remoting protocol by a client of no
+    producer group (plain sends, nothing the mapping adds)."""
+    client = RemotingClient(namesrv, request_timeout=timeout).start([TOPIC])
+    refused: dict[str, str] = {}
+    try:
+        for case in items:
+            properties = {CASE_PROPERTY: f"{prefix}:{case.name}"}
+            if case.message_id is not None:
+                properties[MESSAGE_ID_PROPERTY] = case.message_id
+            try:
+                client.send(TOPIC, case.payload, properties)
+            except Exception as exc:  # refused by the client's encoding or by the broker
+                refused[case.name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    finally:
+        client.close()
+    return refused
+
+
 class DeadLetterReader:
-    """Reads the RocketMQ dead-letter topic with a group of its own, for a whole run.
+    """Reads the RocketMQ dead-letter topic with a group of its own, for a whole run
+    (one per broker: 5.x through the proxy, 4.9 through its name server).
 
     Created (and received from once) before any scenario sends, because a new group
-    may start at the end of the topic's queues.
+    may start at the end of the topic's queues (on 5.x; on 4.x it starts at the
+    beginning and reads the topic's history once).
     """
 
     def __init__(self, config: RocketMQConfig, group: str) -> None:
@@ -156,13 +184,22 @@ class DeadLetterReader:
                     raise
                 time.sleep(0.5)
 
-    def poll(self) -> None:
-        for delivery in self.subscriber.fetch(32, 1):
-            props = dict(delivery.handle.properties or {})
-            case = props.get(CASE_PROPERTY)
-            if case:
-                self.seen[case] = (props.get(GROUP_PROPERTY, ""), props.get(REASON_PROPERTY, ""))
-            self.subscriber.ack(delivery)
+    def poll(self, rounds: int = 20) -> None:
+        """Receive what is there: full batches are followed by another fetch (a 4.x
+        group starts with the topic's history), at most ``rounds`` of them."""
+        wait = 1.0
+        for _ in range(rounds):
+            got = self.subscriber.fetch(32, wait)
+            for delivery in got:
+                headers = delivery.headers
+                case = headers.get(CASE_PROPERTY)
+                if case:
+                    self.seen[case] = (headers.get(GROUP_HEADER, ""),
+                                       headers.get(REASON_HEADER, ""))
+                self.subscriber.ack(delivery)
+            if len(got) < 32:
+                return
+            wait = 0.0
 
     def reasons(self, prefix: str, group: str) -> dict[str, str]:
         """Case name -> reason, for this scenario's cases dead-lettered by ``group``."""

@@ -13,8 +13,16 @@ from outbox import create_engine
 
 DATABASES = ("sqlite", "postgres", "mariadb")
 #: sql: local outbox + relay -> SQL transport; outbox-rocketmq: local outbox + relay ->
-#: RocketMQ (normal sends); rocketmq: half messages (outbox fallback + relay).
-ADAPTERS = ("sql", "outbox-rocketmq", "rocketmq")
+#: RocketMQ 5 (normal sends, through the gRPC proxy); rocketmq: half messages (outbox
+#: fallback + relay) on RocketMQ 5; outbox-rocketmq4 and rocketmq4: the same two on a
+#: RocketMQ 4.9 broker, over the remoting protocol (name server, no proxy).
+ADAPTERS = ("sql", "outbox-rocketmq", "rocketmq", "outbox-rocketmq4", "rocketmq4")
+#: The broker each RocketMQ adapter runs on, named as its script (scripts/rocketmq,
+#: scripts/rocketmq4), which also stops and starts it for the outage.
+BROKERS = {"outbox-rocketmq": "rocketmq", "rocketmq": "rocketmq",
+           "outbox-rocketmq4": "rocketmq4", "rocketmq4": "rocketmq4"}
+#: The adapters sending transactional half messages.
+HALF_MESSAGES = ("rocketmq", "rocketmq4")
 SERVER_ENV = {"postgres": "OUTBOX_TEST_POSTGRES_URL", "mariadb": "OUTBOX_TEST_MARIADB_URL"}
 #: The databases a chaos run owns on a server (never the demo's bank1 and bank2).
 CHAOS_DATABASES = {"bank1": "chaos_bank1", "bank2": "chaos_bank2", "transport": "chaos_transport"}
@@ -41,7 +49,7 @@ class Scenario:
 
     def bank1_points(self, adapter: str) -> dict[str, float]:
         """Half-message points apply to the half-message adapter only."""
-        if adapter == "rocketmq":
+        if adapter in HALF_MESSAGES:
             return dict(self.bank1)
         return {p: q for p, q in self.bank1.items() if p in ("before_commit", "after_commit")}
 
@@ -68,6 +76,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("hostile", "malformed and hostile messages put straight onto the topic",
              hostile=True),
 )}
+
+
+def broker(adapter: str) -> str | None:
+    """rocketmq (5.x), rocketmq4 (4.9), or None for the SQL transport."""
+    return BROKERS.get(adapter)
 
 
 def server_url(database: str) -> URL | None:

@@ -20,9 +20,10 @@ from ..bank2 import read_report
 from ..children import free_port
 from ..runs import run_transfer_no
 from ..setup import setup, setup_transport
+from ..transports import rocketmq_config
 from . import hostile
 from .driver import Outcome, drive, plan
-from .matrix import BROKER_OUTAGE, DB_RESTART, Placement, Scenario
+from .matrix import BROKER_OUTAGE, DB_RESTART, HALF_MESSAGES, Placement, Scenario, broker
 from .supervisor import Service, Supervisor
 from .verify import Verdict, audit, in_flight
 
@@ -40,7 +41,20 @@ class Settings:
     settle_timeout: float
     load_timeout: float
     outage_seconds: float
-    endpoints: str
+    endpoints: str  # the RocketMQ 5 gRPC proxy
+    namesrv: str  # the RocketMQ 4.9 name server
+
+    def broker_args(self, adapter: str) -> list[str]:
+        """The services' options to reach the broker of ``adapter``."""
+        args = ["--transport", "rocketmq", "--rocketmq-endpoints", self.endpoints]
+        if broker(adapter) == "rocketmq4":
+            args += ["--rocketmq-namesrv", self.namesrv]
+        return args
+
+    def broker_config(self, adapter: str) -> RocketMQConfig:
+        """The adapter's configuration for the broker of ``adapter``, as the services'."""
+        return rocketmq_config(self.endpoints,
+                               self.namesrv if broker(adapter) == "rocketmq4" else None)
 
 
 @dataclass
@@ -57,7 +71,7 @@ class Row:
 
 
 def run_script(*args: str) -> None:
-    """scripts/services or scripts/rocketmq, output to our log, failing loudly."""
+    """scripts/services, scripts/rocketmq or scripts/rocketmq4, failing loudly."""
     done = subprocess.run([str(REPO / "scripts" / args[0]), *args[1:]], capture_output=True,
                           text=True, timeout=300)
     if done.returncode != 0:
@@ -68,30 +82,43 @@ class Disruption:
     """Stop the broker or a database server; ``restore`` always starts it again."""
 
     def __init__(self, kind: str, target: str) -> None:
-        self.kind, self.target = kind, target  # target: rocketmq, postgres or mariadb
+        # target: rocketmq (5.x), rocketmq4 (4.9), postgres or mariadb
+        self.kind, self.target = kind, target
         self.stopped = False
+        self.took: dict[str, float] = {}  # "down"/"up" -> seconds the script took
+
+    def _run(self, action: str) -> None:
+        began = time.monotonic()
+        if self.broker:
+            # 4.9: name server and broker, the store (topics, offsets, messages) kept.
+            run_script(self.target, action)
+        else:
+            run_script("services", action, self.target)
+        self.took[action] = time.monotonic() - began
+
+    @property
+    def note(self) -> str:
+        return f"{self.target} " + ", ".join(f"{a} {s:.1f}s" for a, s in self.took.items())
+
+    @property
+    def broker(self) -> bool:
+        return self.target in ("rocketmq", "rocketmq4")
 
     def stop(self) -> None:
         self.stopped = True
-        if self.target == "rocketmq":
-            run_script("rocketmq", "down")
-        else:
-            run_script("services", "down", self.target)
+        self._run("down")
 
     def restore(self) -> None:
         if not self.stopped:
             return
-        if self.target == "rocketmq":
-            run_script("rocketmq", "up")
-        else:
-            run_script("services", "up", self.target)
+        self._run("up")
         self.stopped = False
 
 
 def _services(scenario: Scenario, adapter: str, placement: Placement, port: int,
-              endpoints: str, group: str, run_id: str, report: Path) -> list[Service]:
+              settings: Settings, group: str, run_id: str, report: Path) -> list[Service]:
     urls = placement.urls
-    rmq = ["--transport", "rocketmq", "--rocketmq-endpoints", endpoints]
+    rmq = settings.broker_args(adapter)
     bank1_args = ["--port", str(port), "--local-transaction-timeout", str(LOCAL_TX_TIMEOUT)]
     relay_args = ["--max-attempts", "100000", "--max-backoff", "1"]
     # Enough attempts that a random handler failure never dead-letters a real
@@ -103,7 +130,7 @@ def _services(scenario: Scenario, adapter: str, placement: Placement, port: int,
         bank2_args += ["--redelivery-seconds", "5"]
     else:
         transport_urls = {}
-        bank1_args += rmq + (["--outbox-only"] if adapter == "outbox-rocketmq" else [])
+        bank1_args += rmq + (["--outbox-only"] if adapter not in HALF_MESSAGES else [])
         # bank1's refunds: a consumer group of this run's own, this run's refunds only.
         bank1_args += ["--run-id", run_id, "--refund-group", f"{REFUND_GROUP}-{run_id}"]
         relay_args += rmq
@@ -147,7 +174,9 @@ def run_scenario(row: Row, scenario: Scenario, placement: Placement, folder: Pat
     report = folder / "bank2-report.json"
     disruption: Disruption | None = None
     if scenario.disruption == BROKER_OUTAGE:
-        disruption = Disruption(BROKER_OUTAGE, placement.transport_server or "rocketmq")
+        target = placement.transport_server or broker(row.adapter)
+        assert target is not None  # the SQL adapter's transport is always on a server here
+        disruption = Disruption(BROKER_OUTAGE, target)
     elif scenario.disruption == DB_RESTART:
         disruption = Disruption(DB_RESTART, row.database)
     supervisor: Supervisor | None = None
@@ -158,7 +187,7 @@ def run_scenario(row: Row, scenario: Scenario, placement: Placement, folder: Pat
             setup_transport(transport.engine, reset=True)
         port = free_port()
         supervisor = Supervisor(_services(scenario, row.adapter, placement, port,
-                                          settings.endpoints, group, run_id, report),
+                                          settings, group, run_id, report),
                                 folder, rng.randrange(2**31)).start()
         base = f"http://127.0.0.1:{port}"
         _wait_ready(supervisor, base, None if transport else report, 90.0)
@@ -185,8 +214,8 @@ def run_scenario(row: Row, scenario: Scenario, placement: Placement, folder: Pat
                 if transport is not None:
                     refused = hostile.put_sql(transport, cases, run_id)
                 else:
-                    refused = hostile.put_rocketmq(RocketMQConfig(settings.endpoints), cases,
-                                                   run_id)
+                    refused = hostile.put_rocketmq(settings.broker_config(row.adapter),
+                                                   cases, run_id)
                 extra_faults += len(cases)
             if disruption is not None:
                 disruption.stop()
@@ -216,6 +245,8 @@ def run_scenario(row: Row, scenario: Scenario, placement: Placement, folder: Pat
     finally:
         if disruption is not None:
             disruption.restore()
+            if disruption.took:
+                row.notes.append(disruption.note)
         if supervisor is not None:
             row.notes.extend(supervisor.stop())
         for engine in (bank1, bank2, *([transport.engine] if transport else [])):
@@ -230,8 +261,8 @@ def _settle(row: Row, bank1: Engine, bank2: Engine, transport: SqlTransport | No
     began = time.monotonic()
     # An orphan half message of a transfer that never committed resolves only after
     # bank1's local-transaction timeout: give it that long before calling it settled.
-    quiet_until = began + (LOCAL_TX_TIMEOUT + 5 if kills_bank1 and row.adapter == "rocketmq"
-                           else 0)
+    quiet_until = began + (LOCAL_TX_TIMEOUT + 5
+                           if kills_bank1 and row.adapter in HALF_MESSAGES else 0)
     dead: dict[str, str] = {}
     while True:
         try:
