@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from outbox.envelope import delivery_time
 from outbox.errors import OutboxError
 from outbox.message import Message, TransactionState
+from outbox.schema import utcnow
 
 from ._client import client_configuration, received, rocketmq, shutdown_quietly, to_rocketmq
 from ._client import wrap_error as grpc_error
@@ -73,7 +74,7 @@ def delay_level_of(message: Message, now: dt.datetime | None = None) -> int | No
     due = delivery_time(message.headers)
     if due is None:
         return None
-    now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    now = now or utcnow()
     return send_delay_level((due - now).total_seconds())
 
 
