@@ -66,15 +66,24 @@ DELAY_LEVELS = (1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1
                 3600, 7200)
 
 
+def level_at_least(seconds: float) -> int | None:
+    """The broker's smallest delay level that waits at least ``seconds``; None past
+    the longest."""
+    for level, delay in enumerate(DELAY_LEVELS, start=1):
+        if delay >= seconds:
+            return level
+    return None
+
+
 def send_delay_level(seconds: float) -> int | None:
     """The ``DELAY`` level for a message due in ``seconds``: the smallest level that
     waits at least that long (never early), None when it is due already. Past the
     longest level (2 h) a broker delay cannot hold it: PublishError."""
     if seconds <= 0:
         return None
-    for level, delay in enumerate(DELAY_LEVELS, start=1):
-        if delay >= seconds:
-            return level
+    level = level_at_least(seconds)
+    if level is not None:
+        return level
     raise PublishError(
         f"a message due in {seconds:.0f} s is beyond RocketMQ 4.x's longest delay level "
         f"({DELAY_LEVELS[-1]} s): keep it in the outbox until it is due (the relay sends "

@@ -44,7 +44,14 @@ from outbox.transport import Delivery
 
 from ..mapping import MessageIdFrom, dead_letter_properties, received_stored
 from ..mapping import to_delivery as mapped_delivery
-from .client import DELAY_LEVELS, MessageQueue, PullResult, RemotingClient, pull_timeout
+from .client import (
+    DELAY_LEVELS,
+    MessageQueue,
+    PullResult,
+    RemotingClient,
+    level_at_least,
+    pull_timeout,
+)
 from .connection import RemotingError
 from .protocol import Command, ProtocolError, RequestCode, ResponseCode, StoredMessage
 
@@ -78,10 +85,7 @@ ORDERLY_BUFFER = 512
 def delay_level(seconds: float) -> int:
     """The broker's smallest delay level that waits at least ``seconds`` (the last one
     past its longest)."""
-    for level, delay in enumerate(DELAY_LEVELS, start=1):
-        if delay >= seconds:
-            return level
-    return len(DELAY_LEVELS)
+    return level_at_least(seconds) or len(DELAY_LEVELS)
 
 
 def allocate(queues: Sequence[MessageQueue], members: Sequence[str], me: str
