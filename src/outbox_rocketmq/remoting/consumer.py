@@ -33,7 +33,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +103,14 @@ def allocate(queues: Sequence[MessageQueue], members: Sequence[str], me: str
 
 
 QueueKey = tuple[str, MessageQueue]  # (topic, queue)
+
+
+def _by_topic(keys: Iterable[QueueKey]) -> dict[str, list[MessageQueue]]:
+    """Queues grouped by their topic."""
+    grouped: dict[str, list[MessageQueue]] = {}
+    for topic, queue in keys:
+        grouped.setdefault(topic, []).append(queue)
+    return grouped
 
 
 @dataclass(eq=False)
@@ -299,10 +307,7 @@ class RemotingSubscriber:
                             queue=queue.queue_id, error=str(exc))
             log.info("rocketmq_queue_released", topic=topic, queue=queue.queue_id,
                      group=self.group)
-        by_topic: dict[str, list[MessageQueue]] = {}
-        for (topic, queue), _ in queues:
-            by_topic.setdefault(topic, []).append(queue)
-        for topic, mqs in by_topic.items():
+        for topic, mqs in _by_topic(key for key, _ in queues).items():
             self.client.unlock_queues(self.group, topic, mqs)
 
     def _lock_allocated(self) -> None:
@@ -313,10 +318,7 @@ class RemotingSubscriber:
         self._last_lock = time.monotonic()
         with self._lock:
             allocated = set(self._allocated)
-        by_topic: dict[str, list[MessageQueue]] = {}
-        for topic, queue in allocated:
-            by_topic.setdefault(topic, []).append(queue)
-        for topic, mqs in by_topic.items():
+        for topic, mqs in _by_topic(allocated).items():
             asked = time.monotonic()
             locked = self.client.lock_queues(self.group, topic, mqs)
             for queue in mqs:
