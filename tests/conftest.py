@@ -229,6 +229,45 @@ def redis_url() -> str:
     return url
 
 
+def _broker_url(variable: str, what: str, how: str) -> str:
+    """The broker URL in ``variable`` once its host:port accepts connections; else a
+    failure in CI (a skip elsewhere) saying ``how`` to start it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = os.environ.get(variable)
+    if not url:
+        unavailable(f"{variable} is not set; {how}")
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0),
+                                 timeout=5).close()
+    except OSError as exc:
+        unavailable(f"{what} at {parts.hostname}:{parts.port} is not reachable ({exc}); {how}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def kafka_url() -> str:
+    """The Kafka test broker (``scripts/kafka up``), from OUTBOX_TEST_KAFKA_URL."""
+    return _broker_url("OUTBOX_TEST_KAFKA_URL", "Kafka",
+                       'run scripts/kafka up and eval "$(scripts/kafka env)"')
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """The RabbitMQ test broker (``scripts/rabbitmq up``), from OUTBOX_TEST_RABBITMQ_URL."""
+    return _broker_url("OUTBOX_TEST_RABBITMQ_URL", "RabbitMQ",
+                       'run scripts/rabbitmq up and eval "$(scripts/rabbitmq env)"')
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """The NATS JetStream test server (``scripts/nats up``), from OUTBOX_TEST_NATS_URL."""
+    return _broker_url("OUTBOX_TEST_NATS_URL", "NATS",
+                       'run scripts/nats up and eval "$(scripts/nats env)"')
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Which database a test runs on: sqlite, postgres or mariadb."""

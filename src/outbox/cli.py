@@ -281,11 +281,12 @@ def _purge(engine: Engine, days: float, batch: int) -> str:
         raise ConfigurationError(
             f"--older-than-days {days} is out of range; give 0 to {max_days()}"
         ) from None
-    totals = {"outbox": 0, "inbox": 0, "transaction_log": 0}
+    totals = {"outbox": 0, "inbox": 0, "transaction_log": 0, "consumer_attempts": 0}
     for name, fn, kw in (
         ("outbox", storage.purge, "sent_before"),
         ("inbox", storage.purge_inbox, "processed_before"),
         ("transaction_log", storage.purge_transaction_log, "created_before"),
+        ("consumer_attempts", storage.purge_consumer_attempts, "updated_before"),
     ):
         while True:
             with engine.begin() as conn:

@@ -6,8 +6,9 @@ import enum
 import functools
 import inspect
 import threading
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import tenacity
@@ -18,15 +19,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .app import explain_missing
 from .codec import JsonCodec
+from .consumer_store import forget_attempts, record_failure, store_dead_letter
 from .db import dialect_name, insert_ignore_for, safe_url
 from .errors import ConfigurationError, DecodeError, MissingTableError, MisuseError
 from .log import get_logger
 from .relay import delay_for, exponential_backoff
-from .schema import inbox, utcnow
+from .schema import consumer_attempts, consumer_dead_letters, inbox, utcnow
 from .scope import database_identity, run_owned
 from .sessions import guarded_class
 from .transport import Delivery
-from .typing import Codec, Subscriber
+from .typing import Abilities, Codec, Subscriber
 
 log = get_logger("outbox.consumer")
 
@@ -125,6 +127,8 @@ class Decision:
     reason: str | None = None
     delay: float = 0.0
     event: str = ""
+    #: The attempt this decision is about (what a dead letter records).
+    attempt: int = 1
 
 
 def _transient(exc: BaseException) -> bool:
@@ -157,23 +161,30 @@ class ConsumerPolicy:
         return {"message_id": delivery.message_id, "topic": delivery.topic,
                 "key": delivery.key, "group": self.group, "attempt": delivery.attempt}
 
-    def accept(self, delivery: Delivery) -> ReceivedMessage | Decision:
-        """The message to hand to the handler, or why it must be dead-lettered now."""
+    def accept(self, delivery: Delivery, *, counted: bool = True
+               ) -> ReceivedMessage | Decision:
+        """The message to hand to the handler, or why it must be dead-lettered now.
+
+        ``counted``: ``delivery.attempt`` is the broker's count of deliveries, so a
+        message past :attr:`ConsumerConfig.delivery_limit` of them (one that keeps
+        crashing its consumer) is given up on."""
         try:
             message = delivery.to_message()
             body = self.codec.decode(message.payload)
         except DecodeError as exc:
             return self.dead(f"undecodable message: {exc}")
-        if delivery.attempt > self.config.delivery_limit:
+        if counted and delivery.attempt > self.config.delivery_limit:
             return self.dead(
-                f"gave up after {delivery.attempt - 1} deliveries without acknowledgement")
+                f"gave up after {delivery.attempt - 1} deliveries without acknowledgement",
+                delivery.attempt)
         return ReceivedMessage(
             id=message.id, topic=message.topic, body=body, payload=message.payload,
             key=message.key, tag=message.tag, headers=message.headers, attempt=delivery.attempt,
         )
 
-    def dead(self, reason: str) -> Decision:
-        return Decision(Outcome.DEAD, reason[:MAX_REASON_LENGTH], event="consumer_dead_lettered")
+    def dead(self, reason: str, attempt: int = 1) -> Decision:
+        return Decision(Outcome.DEAD, reason[:MAX_REASON_LENGTH], event="consumer_dead_lettered",
+                        attempt=attempt)
 
     def inbox_insert(self, dialect_bind: Any, message_id: str
                      ) -> tuple[Executable, dict[str, Any]]:
@@ -193,25 +204,43 @@ class ConsumerPolicy:
             return Decision(Outcome.PROCESSED, event="consumer_processed")
         return Decision(Outcome.DUPLICATE, event="consumer_duplicate_ignored")
 
-    def failed(self, exc: BaseException, attempt: int) -> Decision:
-        """A handler (or database) failure: retry with backoff, or dead-letter."""
+    def failed(self, exc: BaseException, attempt: int, *, limit_transient: bool = True
+               ) -> Decision:
+        """A handler (or database) failure: retry with backoff, or dead-letter.
+
+        ``limit_transient`` False: a database failure is retried however long it
+        lasts (a consumer holding its delivery in place, which nothing else is waiting
+        behind but the database)."""
         if isinstance(exc, Reject):
-            return self.dead(f"rejected by handler: {exc}")
+            return self.dead(f"rejected by handler: {exc}", attempt)
         reason = _reason(exc)
         transient = _transient(exc)
         cfg = self.config
-        if attempt >= (cfg.delivery_limit if transient else cfg.max_attempts):
-            return self.dead(f"handler failed {attempt} times: {reason}")
+        limit = cfg.delivery_limit if transient else cfg.max_attempts
+        if (limit_transient or not transient) and attempt >= limit:
+            return self.dead(f"handler failed {attempt} times: {reason}", attempt)
         event = "consumer_database_unavailable" if transient else "consumer_handler_failed"
-        return Decision(Outcome.RETRIED, reason, delay_for(cfg.backoff, attempt), event)
+        return Decision(Outcome.RETRIED, reason, delay_for(cfg.backoff, attempt), event, attempt)
 
     @staticmethod
-    def verdict(decision: Decision) -> tuple[str, tuple[Any, ...]]:
-        """The subscriber method that carries out ``decision``, with its arguments."""
+    def counts_failure(exc: BaseException) -> bool:
+        """Whether ``exc`` is held against the message (a database outage is not)."""
+        return not isinstance(exc, Reject) and not _transient(exc)
+
+    @staticmethod
+    def verdict(decision: Decision, abilities: Abilities) -> tuple[str, tuple[Any, ...]]:
+        """What carries out ``decision``: a subscriber method and its arguments, or
+        ``hold`` (wait the delay and try again in place) or ``store_dead`` (keep the
+        dead letter in the consumer's database, then acknowledge) where the subscriber
+        lacks the ability."""
         if decision.outcome is Outcome.DEAD:
-            return "dead_letter", (decision.reason or "",)
+            if abilities.dead_letter:
+                return "dead_letter", (decision.reason or "",)
+            return "store_dead", (decision.reason or "", decision.attempt)
         if decision.outcome is Outcome.RETRIED:
-            return "retry", (decision.delay, decision.reason or "")
+            if abilities.redelivery:
+                return "retry", (decision.delay, decision.reason or "")
+            return "hold", (decision.delay,)
         return "ack", ()
 
     def report(self, decision: Decision, delivery: Delivery) -> None:
@@ -239,6 +268,15 @@ class ConsumerBase:
         self.config = config or ConsumerConfig()
         self.policy = ConsumerPolicy(group, self.codec, self.config)
         self.stats = ConsumerStats()
+        #: What the subscriber does itself; the consumer provides the rest.
+        self.abilities = Abilities.of(subscriber)
+
+    def attempt_of(self, delivery: Delivery, failures: int | None) -> int:
+        """The attempt a failure ends: the broker's count, else the consumer's own
+        (``failures``, counted in its database; None when it was not counted)."""
+        if self.abilities.counts_deliveries or failures is None:
+            return delivery.attempt
+        return failures
 
     @staticmethod
     def check_group(group: str) -> None:
@@ -249,13 +287,27 @@ class ConsumerBase:
 def inbox_missing(url: Any, existing: set[str]) -> MissingTableError | None:
     """The error for a consumer database without the inbox table (a setup mistake,
     not an outage: nothing is retried or dead-lettered for it)."""
-    if inbox.name in existing:
+    return _missing(url, existing, inbox.name, "record what it processed")
+
+
+def consumer_tables_missing(url: Any, existing: set[str]) -> MissingTableError | None:
+    """The error for a consumer database without the tables in which it counts
+    attempts and keeps dead letters for a broker that does neither."""
+    for table in (consumer_attempts, consumer_dead_letters):
+        error = _missing(url, existing, table.name,
+                         "count attempts or keep dead letters for this broker")
+        if error is not None:
+            return error
+    return None
+
+
+def _missing(url: Any, existing: set[str], name: str, purpose: str) -> MissingTableError | None:
+    if name in existing:
         return None
     return MissingTableError(
-        f"table {inbox.name} is missing in {safe_url(url)}, so the consumer cannot record "
-        "what it processed; create the tables with  outbox migrate --db URL  (or alembic "
-        "upgrade outbox@head, or outbox.metadata.create_all(engine)); nothing was "
-        "acknowledged or dead-lettered"
+        f"table {name} is missing in {safe_url(url)}, so the consumer cannot {purpose}; "
+        "create the tables with  outbox migrate --db URL  (or alembic upgrade outbox@head, "
+        "or outbox.metadata.create_all(engine)); nothing was acknowledged or dead-lettered"
     )
 
 
@@ -303,29 +355,117 @@ class IdempotentConsumer(ConsumerBase):
         self.engine: Engine = self.session_factory.kw["bind"]
         self._setup(self.engine, subscriber, group, handler, codec, config)
         self._stop = threading.Event()
+        self._running_stop: threading.Event | None = None
 
     def handle(self, delivery: Delivery) -> Outcome:
-        """Process one delivery and tell the subscriber; returns what became of it."""
-        policy = self.policy
-        decision = policy.accept(delivery)
-        if isinstance(decision, ReceivedMessage):
-            try:
-                decision = policy.succeeded(self._apply(decision))
-            except MissingTableError:
-                raise  # a setup mistake: nothing is retried or dead-lettered for it
-            except Exception as exc:
-                decision = policy.failed(exc, delivery.attempt)
-        action, args = policy.verdict(decision)
-        getattr(self.subscriber, action)(delivery, *args)
-        policy.report(decision, delivery)
-        return decision.outcome
+        """Process one delivery and tell the subscriber; returns what became of it.
 
-    def _apply(self, received: ReceivedMessage) -> bool:
-        """The inbox row and the handler in one transaction; False for a duplicate."""
+        A subscriber without :class:`~outbox.typing.Redelivery` has its failed
+        delivery held: the consumer waits the backoff and tries again in place (so a
+        Kafka partition keeps its order), until it succeeds or is dead-lettered; a stop
+        during the wait leaves the delivery unacknowledged, to come back later.
+        """
+        policy, abilities = self.policy, self.abilities
+        counted = False  # this call wrote a failure count for the message
+        while True:
+            decision = policy.accept(delivery, counted=abilities.counts_deliveries)
+            if isinstance(decision, ReceivedMessage):
+                try:
+                    decision = policy.succeeded(self._apply(decision, forget=counted))
+                except MissingTableError:
+                    raise  # a setup mistake: nothing is retried or dead-lettered for it
+                except Exception as exc:
+                    failures = self._count(delivery, exc)
+                    counted = counted or failures is not None
+                    decision = policy.failed(exc, self.attempt_of(delivery, failures),
+                                             limit_transient=abilities.counts_deliveries)
+            action, args = policy.verdict(decision, abilities)
+            if action == "hold":
+                policy.report(decision, delivery)
+                if not self._wait(args[0]):
+                    return decision.outcome
+                delivery = replace(delivery, attempt=delivery.attempt + 1)
+                continue
+            if action == "store_dead":
+                if not self._store_dead(delivery, *args):
+                    return Outcome.RETRIED  # stopped with the database down: comes back
+                action, args = "ack", ()
+            getattr(self.subscriber, action)(delivery, *args)
+            if action == "dead_letter" and counted:
+                self._forget(delivery)
+            policy.report(decision, delivery)
+            return decision.outcome
+
+    def _count(self, delivery: Delivery, exc: BaseException) -> int | None:
+        """Count a failure in the database when the broker does not; None if not
+        counted (the broker counts, it is not the message's fault, or the database
+        cannot be written either)."""
+        if (self.abilities.counts_deliveries or not delivery.message_id
+                or not self.policy.counts_failure(exc)):
+            return None
+        try:
+            with self.engine.connect() as conn:
+                return record_failure(conn, self.group, delivery.message_id, _reason(exc))
+        except Exception as count_exc:
+            explained = explain_missing(self.engine, count_exc, consumer_tables_missing)
+            if isinstance(explained, MissingTableError):
+                raise explained from count_exc
+            log.warning("consumer_attempt_not_counted", error=_reason(count_exc),
+                        **self.policy.fields(delivery))
+            return None
+
+    def _store_dead(self, delivery: Delivery, reason: str, attempt: int) -> bool:
+        """Keep the dead letter in the consumer's database, retrying while the database
+        is down; False if stopped first."""
+        tries = 0
+        while True:
+            try:
+                with self.engine.connect() as conn:
+                    store_dead_letter(conn, self.group, delivery, reason, attempt)
+                return True
+            except Exception as exc:
+                explained = explain_missing(self.engine, exc, consumer_tables_missing)
+                if isinstance(explained, MissingTableError):
+                    raise explained from exc
+                tries += 1
+                log.warning("consumer_dead_letter_not_stored", error=_reason(exc),
+                            **self.policy.fields(delivery))
+                if not self._wait(delay_for(self.config.backoff, tries)):
+                    return False
+
+    def _forget(self, delivery: Delivery) -> None:
+        """Drop the failure count of a message the broker dead-lettered (a leftover
+        row is harmless: ``outbox purge`` removes it in time)."""
+        try:
+            with self.engine.begin() as conn:
+                forget_attempts(conn, self.group, delivery.message_id or "")
+        except Exception as exc:
+            log.warning("consumer_attempts_not_cleared", error=_reason(exc),
+                        **self.policy.fields(delivery))
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless stopped; False if stopped."""
+        deadline = time.monotonic() + seconds
+        while not self._stopped():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            self._stop.wait(min(remaining, 0.2))
+        return False
+
+    def _stopped(self) -> bool:
+        running = self._running_stop
+        return self._stop.is_set() or (running is not None and running.is_set())
+
+    def _apply(self, received: ReceivedMessage, *, forget: bool = False) -> bool:
+        """The inbox row and the handler in one transaction; False for a duplicate.
+        ``forget``: also drop the failure count the consumer kept for it."""
 
         def work(session: Session) -> bool:
             conn = session.connection()
             rowcount = conn.execute(*self.policy.inbox_insert(conn, received.id)).rowcount
+            if forget:
+                forget_attempts(conn, self.group, received.id)
             if not self.policy.inserted(rowcount):
                 return False
             self.handler(session, received)
@@ -354,14 +494,18 @@ class IdempotentConsumer(ConsumerBase):
         transport or the database are logged and retried, so the consumer outlives
         a restart of either; a missing inbox table ends it (MissingTableError)."""
         stop = stop or self._stop
-        while not stop.is_set() and not self._stop.is_set():
-            try:
-                self.run_once()
-            except MissingTableError:
-                raise
-            except Exception as exc:
-                log.error("consumer_batch_failed", error=_reason(exc), group=self.group)
-                stop.wait(1.0)
+        self._running_stop = stop
+        try:
+            while not stop.is_set() and not self._stop.is_set():
+                try:
+                    self.run_once()
+                except MissingTableError:
+                    raise
+                except Exception as exc:
+                    log.error("consumer_batch_failed", error=_reason(exc), group=self.group)
+                    stop.wait(1.0)
+        finally:
+            self._running_stop = None
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,4 +1,5 @@
-"""The three tables, defined once: outbox messages, transaction log, inbox.
+"""The tables, defined once: outbox messages, transaction log, inbox, and the
+consumer's own attempt counts and dead letters (for brokers that keep neither).
 
 Use :data:`metadata` directly (``alembic upgrade head`` on the shipped chain
 creates exactly these tables), or pass it beside your own metadata to Alembic's
@@ -23,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     event,
 )
 from sqlalchemy.dialects import mysql
@@ -114,6 +116,44 @@ inbox = Table(
     **TABLE_OPTIONS,
 )
 
+
+#: Failed attempts per (group, message), kept by a consumer whose broker does not
+#: count deliveries (Kafka, say): the row outlives a crash of the consumer, so a
+#: message that keeps failing is dead-lettered after ``max_attempts`` all the same.
+consumer_attempts = Table(
+    "outbox_consumer_attempts",
+    metadata,
+    Column("consumer_group", exact_string(NAME), nullable=False),
+    Column("message_id", exact_string(ID), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", LONG_TEXT, nullable=True),
+    Column("updated_at", TIMESTAMP, nullable=False),
+    PrimaryKeyConstraint("consumer_group", "message_id"),
+    Index(None, "updated_at"),
+    **TABLE_OPTIONS,
+)
+
+#: Messages a consumer gave up on, kept in its own database when its broker has no
+#: dead-letter destination: the whole delivery, with the reason, for replay or audit.
+consumer_dead_letters = Table(
+    "outbox_consumer_dead_letters",
+    metadata,
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("consumer_group", exact_string(NAME), nullable=False),
+    Column("message_id", exact_string(ID), nullable=True),  # a hostile message may lack one
+    Column("topic", exact_string(NAME), nullable=False),
+    Column("key", exact_string(NAME), nullable=True),
+    Column("tag", String(100), nullable=True),
+    Column("headers", LONG_TEXT, nullable=False),
+    Column("payload", PAYLOAD, nullable=False),
+    Column("reason", LONG_TEXT, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("dead_at", TIMESTAMP, nullable=False),
+    # A redelivery of a message already dead-lettered adds no second row.
+    UniqueConstraint("consumer_group", "message_id"),
+    Index(None, "dead_at"),
+    **TABLE_OPTIONS,
+)
 
 #: PostgreSQL channel on which a committed outbox insert wakes relays (LISTEN/NOTIFY).
 NOTIFY_CHANNEL = "outbox_messages"

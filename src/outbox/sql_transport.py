@@ -162,6 +162,9 @@ class SqlPublisher:
 class SqlSubscriber:
     """Subscriber of one topic for one consumer group on the SQL transport."""
 
+    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
+    counts_deliveries = True
+
     def __init__(self, transport: SqlTransport, topic: str, group: str, *,
                  visibility_timeout: float) -> None:
         check_visibility_timeout(visibility_timeout)

@@ -53,6 +53,7 @@ from .schema import (
     DISCARDED,
     PENDING,
     SENT,
+    consumer_attempts,
     inbox,
     outbox_messages,
     transaction_log,
@@ -478,3 +479,18 @@ def purge_transaction_log(conn: Connection, *, created_before: dt.datetime, batc
     if ids:
         conn.execute(delete(transaction_log).where(transaction_log.c.transaction_id.in_(ids)))
     return len(ids)
+
+
+def purge_consumer_attempts(conn: Connection, *, updated_before: dt.datetime,
+                            batch_size: int) -> int:
+    """Delete one bounded batch of failure counts last touched before ``updated_before``
+    (left by messages that were settled elsewhere, e.g. by another consumer)."""
+    t = consumer_attempts.c
+    pairs = conn.execute(
+        select(t.consumer_group, t.message_id).where(t.updated_at < updated_before)
+        .limit(batch_size)
+    ).all()
+    if pairs:
+        conn.execute(delete(consumer_attempts).where(
+            tuple_(t.consumer_group, t.message_id).in_([tuple(p) for p in pairs])))
+    return len(pairs)

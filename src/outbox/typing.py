@@ -7,6 +7,7 @@ Optional abilities are protocols of their own rather than methods that raise.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from .message import Message, TransactionState
@@ -42,17 +43,53 @@ class BatchPublisher(Protocol):
 class Subscriber(Protocol):
     """Hands out deliveries of one topic to one consumer group, with acknowledgement.
 
-    A delivery not acknowledged in time is delivered again. ``retry`` makes it
-    visible again after ``delay`` seconds; ``dead_letter`` parks it with a reason.
+    The whole duty of a broker's subscriber: ``fetch`` waits up to ``wait_seconds``
+    for at most ``max_messages`` deliveries, ``ack`` settles one for good (commits its
+    offset, acknowledges it), ``close`` lets go of the connection. A delivery that is
+    never acknowledged must come back some time (after a visibility timeout, a
+    rebalance or a reconnect), so nothing is lost.
+
+    Everything else is an optional ability, a protocol of its own: :class:`Redelivery`
+    (deliver again after a delay), :class:`DeadLetterDestination` (park a message
+    with a reason, broker-side) and :class:`CountsDeliveries` (``Delivery.attempt`` is
+    the broker's own count). Where a subscriber lacks one, the idempotent consumer
+    provides it itself: it holds the delivery and tries it again in place, writes the
+    dead letter to its own database, and counts attempts next to its inbox.
     """
 
     def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]: ...
 
     def ack(self, delivery: Delivery) -> None: ...
 
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Redelivery(Protocol):
+    """Optional ability: deliver ``delivery`` again after ``delay_seconds`` (0: at
+    once), to this group, as a new delivery with ``attempt`` one higher; the one in
+    hand is settled by it. ``error`` says why, for the broker's own records."""
+
     def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None: ...
 
+
+@runtime_checkable
+class DeadLetterDestination(Protocol):
+    """Optional ability: park ``delivery`` for good, broker-side, with ``reason``
+    (a dead-letter queue, topic or stream), and settle it for this group."""
+
     def dead_letter(self, delivery: Delivery, reason: str) -> None: ...
+
+
+@runtime_checkable
+class CountsDeliveries(Protocol):
+    """Optional ability: ``Delivery.attempt`` is the broker's own count of deliveries
+    of this message to this group (1 the first time), kept across reconnects and
+    crashes of the consumer. Declared by a true class attribute ``counts_deliveries``;
+    without it the consumer counts failed attempts in its own database."""
+
+    @property
+    def counts_deliveries(self) -> bool: ...
 
 
 @runtime_checkable
@@ -97,14 +134,43 @@ class AsyncBatchPublisher(Protocol):
 @runtime_checkable
 class AsyncSubscriber(Protocol):
     """:class:`Subscriber` for asyncio: every method is a coroutine and ``fetch``
-    waits without blocking the event loop."""
+    waits without blocking the event loop. Its optional abilities are
+    :class:`AsyncRedelivery`, :class:`AsyncDeadLetterDestination` and
+    :class:`CountsDeliveries`."""
 
     async def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]: ...
 
     async def ack(self, delivery: Delivery) -> None: ...
 
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncRedelivery(Protocol):
+    """:class:`Redelivery` for asyncio."""
+
     async def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None: ...
+
+
+@runtime_checkable
+class AsyncDeadLetterDestination(Protocol):
+    """:class:`DeadLetterDestination` for asyncio."""
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None: ...
 
-    async def close(self) -> None: ...
+
+@dataclass(frozen=True, slots=True)
+class Abilities:
+    """Which optional abilities a (sync or asyncio) subscriber has."""
+
+    redelivery: bool
+    dead_letter: bool
+    counts_deliveries: bool
+
+    @classmethod
+    def of(cls, subscriber: object) -> Abilities:
+        return cls(
+            redelivery=callable(getattr(subscriber, "retry", None)),
+            dead_letter=callable(getattr(subscriber, "dead_letter", None)),
+            counts_deliveries=getattr(subscriber, "counts_deliveries", False) is True,
+        )

@@ -66,6 +66,9 @@ class RocketMQSubscriber:
     ``orderly=True`` there only checks, at the first fetch, that the topic is FIFO.
     """
 
+    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
+    counts_deliveries = True
+
     def __init__(
         self,
         config: RocketMQConfig,
@@ -273,6 +276,9 @@ class AsyncRocketMQSubscriber:
     in blocking form (startup, ack, change-invisible-duration, shutdown) run on a
     small pool of ``workers`` threads. A cancelled fetch loses nothing: what it had
     received becomes visible again after ``invisible_seconds``."""
+
+    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
+    counts_deliveries = True
 
     def __init__(
         self,

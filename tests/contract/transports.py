@@ -1,160 +1,35 @@
-"""The transports under contract, each declaring what it guarantees in a Features value.
+"""The project's own transports under the shipped contract (outbox.testing.contract),
+each declaring what it guarantees in a Features value.
 
-Every transport has a sync and an asyncio form. The contract tests are written once,
-against the sync protocols; an async form is driven through :class:`SyncPublisher`
-and :class:`SyncSubscriber`, which run its coroutines on a private event loop
-(:class:`LoopThread`) that the test owns. Tests that call from several threads at
-once thereby run several tasks at once on that one loop.
+Every transport has a sync and an asyncio form; an async form is driven through the
+contract's SyncPublisher and SyncSubscriber on a private event loop that the test owns.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import inspect
 import subprocess
 import sys
 import textwrap
-import threading
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Sequence
 
 from sqlalchemy import Engine
 
-from outbox import Message, SqlTransport
+from outbox import SqlTransport
 from outbox.aio import create_async_engine
 from outbox.aio.sql_transport import AsyncSqlTransport
 from outbox.testing import InMemoryBroker
-from outbox.transport import Delivery
-from outbox.typing import (
-    AsyncBatchPublisher,
-    AsyncPublisher,
-    AsyncSubscriber,
-    Publisher,
-    Subscriber,
+from outbox.testing.contract import (
+    Features,
+    LoopThread,
+    SyncPublisher,
+    SyncSubscriber,
+    TransportUnderTest,
+    message,
 )
+from outbox.typing import Publisher, Subscriber
 
-T = TypeVar("T")
-
-#: Longer than any single call of a contract test; a hung coroutine fails, not hangs.
-CALL_TIMEOUT = 120.0
-
-
-@dataclass(frozen=True)
-class Features:
-    """What a transport promises; a test of a promise not made is skipped."""
-
-    #: Another process can publish to, and consume from, the same queue.
-    shared_between_processes: bool
-    #: A delivery neither acknowledged nor retried comes back after the visibility timeout.
-    redelivers_after_visibility_timeout: bool
-    #: ``publish_batch`` exists and stores all of the batch or none of it.
-    batch_publish: bool
-    #: One subscriber of one group gets a topic's messages in publish order.
-    ordered: bool
-
-
-class TransportUnderTest(Protocol):
-    features: Features
-
-    def publisher(self) -> Publisher: ...
-
-    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
-                   ) -> Subscriber: ...
-
-    def dead_letters(self, topic: str, group: str) -> list[tuple[str | None, str | None]]:
-        """(message id, reason) of every dead-lettered delivery of ``group``."""
-        ...
-
-    def publish_from_another_process(self, topic: str, ids: Sequence[str]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class LoopThread:
-    """A private event loop running on a thread of its own, for one test."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="contract-loop",
-                                        daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and wait for its result, from any thread."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(CALL_TIMEOUT)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
-
-    def close(self) -> None:
-        async def cancel_the_rest() -> None:
-            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in rest:
-                task.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
-            await self.loop.shutdown_asyncgens()
-
-        self.run(cancel_the_rest())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
-def _require_coroutines(obj: object, *names: str) -> None:
-    for name in names:
-        if not inspect.iscoroutinefunction(getattr(obj, name, None)):
-            raise TypeError(f"{type(obj).__name__}.{name} is not a coroutine function")
-
-
-class SyncPublisher:
-    """Publisher and BatchPublisher over an AsyncPublisher + AsyncBatchPublisher."""
-
-    def __init__(self, inner: object, loop: LoopThread) -> None:
-        if not (isinstance(inner, AsyncPublisher) and isinstance(inner, AsyncBatchPublisher)):
-            raise TypeError(f"{type(inner).__name__} is not an async batch publisher")
-        _require_coroutines(inner, "publish", "publish_batch", "close")
-        self.inner = inner
-        self.loop = loop
-
-    def publish(self, message: Message) -> None:
-        self.loop.run(self.inner.publish(message))
-
-    def publish_batch(self, messages: Sequence[Message]) -> None:
-        assert isinstance(self.inner, AsyncBatchPublisher)
-        self.loop.run(self.inner.publish_batch(messages))
-
-    def close(self) -> None:
-        self.loop.run(self.inner.close())
-
-
-class SyncSubscriber:
-    """Subscriber over an AsyncSubscriber."""
-
-    def __init__(self, inner: object, loop: LoopThread) -> None:
-        if not isinstance(inner, AsyncSubscriber):
-            raise TypeError(f"{type(inner).__name__} is not an async subscriber")
-        _require_coroutines(inner, "fetch", "ack", "retry", "dead_letter", "close")
-        self.inner = inner
-        self.loop = loop
-
-    def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
-        return self.loop.run(self.inner.fetch(max_messages, wait_seconds))
-
-    def ack(self, delivery: Delivery) -> None:
-        self.loop.run(self.inner.ack(delivery))
-
-    def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        self.loop.run(self.inner.retry(delivery, delay_seconds, error))
-
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self.loop.run(self.inner.dead_letter(delivery, reason))
-
-    def close(self) -> None:
-        self.loop.run(self.inner.close())
+__all__ = ["AsyncMemoryUnderTest", "AsyncSqlUnderTest", "MemoryUnderTest", "SqlUnderTest",
+           "TransportUnderTest", "message"]
 
 
 class MemoryUnderTest:
@@ -296,9 +171,3 @@ class AsyncSqlUnderTest:
             self.loop.run(self.engine.dispose())
         finally:
             self.loop.close()
-
-
-def message(topic: str = "contract", **fields: object) -> Message:
-    values: dict[str, object] = {"payload": b"{}"}
-    values.update(fields)
-    return Message(topic=topic, **values)  # type: ignore[arg-type]

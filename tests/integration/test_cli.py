@@ -139,7 +139,7 @@ def test_migrate_creates_the_file_then_status_reads_it(
 ) -> None:
     code, out, _ = run(capsys, "migrate", "--db", sqlite_db)
     assert code == 0
-    assert out.startswith("outbox tables at outbox_0003 in sqlite:///")
+    assert out.startswith("outbox tables at outbox_0004 in sqlite:///")
     assert Path(make_url(sqlite_db).database or "").is_file()
     assert run(capsys, "status", "--db", sqlite_db)[:2] == (
         0, "pending=0 sent=0 dead=0 discarded=0\n")
@@ -218,7 +218,7 @@ def test_a_right_query_password_works_and_is_hidden(
     text = with_query_password(base, password)
     code, out, _ = run(capsys, "migrate", "--db", text)
     assert code == 0
-    assert out.startswith("outbox tables at outbox_0003 in ") and "password=***" in out
+    assert out.startswith("outbox tables at outbox_0004 in ") and "password=***" in out
     code, out, _ = run(capsys, "downgrade", "--db", text, "--revision", "base")
     assert (code, out.startswith("outbox tables at base in ")) == (0, True)
     assert "password=***" in out
@@ -282,7 +282,7 @@ def test_the_library_log_goes_to_stderr_at_the_chosen_level(
     logger = logging.getLogger("outbox")
     before = (list(logger.handlers), logger.level)
     code, out, err = run(capsys, "purge", "--db", migrated, "--older-than-days", "30")
-    assert (code, out) == (0, "outbox=0 inbox=0 transaction_log=0\n")
+    assert (code, out) == (0, "outbox=0 inbox=0 transaction_log=0 consumer_attempts=0\n")
     assert "INFO outbox.cli: purge_progress table=outbox deleted=0" in err
     code, _, err = run(capsys, "purge", "--db", migrated, "--older-than-days", "30",
                        "--log-level", "WARNING")

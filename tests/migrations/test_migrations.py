@@ -71,7 +71,7 @@ def _schema_diff(engine: Engine, target: MetaData | list[MetaData]) -> list[obje
 
 def test_upgrade_builds_exactly_the_models(engine: Engine) -> None:
     migrations.upgrade(engine)
-    assert migrations.current(engine) == "outbox_0003"
+    assert migrations.current(engine) == "outbox_0004"
     assert set(inspect(engine).get_table_names()) >= OUTBOX_TABLES
     assert _schema_diff(engine, outbox.metadata) == []
 

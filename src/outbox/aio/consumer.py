@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -20,10 +22,13 @@ from ..consumer import (
     Outcome,
     ReceivedMessage,
     _reason,
+    consumer_tables_missing,
     inbox_missing,
 )
+from ..consumer_store import forget_attempts, record_failure, store_dead_letter
 from ..errors import ConfigurationError, MissingTableError, MisuseError
 from ..log import get_logger
+from ..relay import delay_for
 from ..transport import Delivery
 from ..typing import AsyncSubscriber, Codec
 from ._tasks import Background
@@ -75,27 +80,102 @@ class AsyncIdempotentConsumer(ConsumerBase):
         self._background = Background("consumer")
 
     async def handle(self, delivery: Delivery) -> Outcome:
-        """Process one delivery and tell the subscriber; returns what became of it."""
-        policy = self.policy
-        decision = policy.accept(delivery)
-        if isinstance(decision, ReceivedMessage):
-            try:
-                decision = policy.succeeded(await self._apply(decision))
-            except MissingTableError:
-                raise  # a setup mistake: nothing is retried or dead-lettered for it
-            except Exception as exc:
-                decision = policy.failed(exc, delivery.attempt)
-        action, args = policy.verdict(decision)
-        await getattr(self.subscriber, action)(delivery, *args)
-        policy.report(decision, delivery)
-        return decision.outcome
+        """Process one delivery and tell the subscriber; returns what became of it.
+        Without :class:`~outbox.typing.AsyncRedelivery` a failed delivery is held and
+        tried again in place, as :meth:`outbox.IdempotentConsumer.handle` does."""
+        policy, abilities = self.policy, self.abilities
+        counted = False  # this call wrote a failure count for the message
+        while True:
+            decision = policy.accept(delivery, counted=abilities.counts_deliveries)
+            if isinstance(decision, ReceivedMessage):
+                try:
+                    decision = policy.succeeded(await self._apply(decision, forget=counted))
+                except MissingTableError:
+                    raise  # a setup mistake: nothing is retried or dead-lettered for it
+                except Exception as exc:
+                    failures = await self._count(delivery, exc)
+                    counted = counted or failures is not None
+                    decision = policy.failed(exc, self.attempt_of(delivery, failures),
+                                             limit_transient=abilities.counts_deliveries)
+            action, args = policy.verdict(decision, abilities)
+            if action == "hold":
+                policy.report(decision, delivery)
+                if not await self._wait(args[0]):
+                    return decision.outcome
+                delivery = replace(delivery, attempt=delivery.attempt + 1)
+                continue
+            if action == "store_dead":
+                if not await self._store_dead(delivery, *args):
+                    return Outcome.RETRIED  # stopped with the database down: comes back
+                action, args = "ack", ()
+            await getattr(self.subscriber, action)(delivery, *args)
+            if action == "dead_letter" and counted:
+                await self._forget(delivery)
+            policy.report(decision, delivery)
+            return decision.outcome
 
-    async def _apply(self, received: ReceivedMessage) -> bool:
+    async def _count(self, delivery: Delivery, exc: BaseException) -> int | None:
+        """:meth:`outbox.IdempotentConsumer._count`, awaited."""
+        if (self.abilities.counts_deliveries or not delivery.message_id
+                or not self.policy.counts_failure(exc)):
+            return None
+        try:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(record_failure, self.group, delivery.message_id,
+                                           _reason(exc))
+        except Exception as count_exc:
+            explained = await aexplain_missing(self.engine, count_exc, consumer_tables_missing)
+            if isinstance(explained, MissingTableError):
+                raise explained from count_exc
+            log.warning("consumer_attempt_not_counted", error=_reason(count_exc),
+                        **self.policy.fields(delivery))
+            return None
+
+    async def _store_dead(self, delivery: Delivery, reason: str, attempt: int) -> bool:
+        """:meth:`outbox.IdempotentConsumer._store_dead`, awaited."""
+        tries = 0
+        while True:
+            try:
+                async with self.engine.connect() as conn:
+                    await conn.run_sync(store_dead_letter, self.group, delivery, reason, attempt)
+                return True
+            except Exception as exc:
+                explained = await aexplain_missing(self.engine, exc, consumer_tables_missing)
+                if isinstance(explained, MissingTableError):
+                    raise explained from exc
+                tries += 1
+                log.warning("consumer_dead_letter_not_stored", error=_reason(exc),
+                            **self.policy.fields(delivery))
+                if not await self._wait(delay_for(self.config.backoff, tries)):
+                    return False
+
+    async def _forget(self, delivery: Delivery) -> None:
+        """:meth:`outbox.IdempotentConsumer._forget`, awaited."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(forget_attempts, self.group, delivery.message_id or "")
+        except Exception as exc:
+            log.warning("consumer_attempts_not_cleared", error=_reason(exc),
+                        **self.policy.fields(delivery))
+
+    async def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless stopping; False if stopping."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            await asyncio.sleep(min(remaining, 0.2))
+        return False
+
+    async def _apply(self, received: ReceivedMessage, *, forget: bool = False) -> bool:
         """The inbox row and the handler in one transaction; False for a duplicate."""
 
         async def work(session: AsyncSession) -> bool:
             conn = await session.connection()
             result = await conn.execute(*self.policy.inbox_insert(conn, received.id))
+            if forget:
+                await conn.run_sync(forget_attempts, self.group, received.id)
             if not self.policy.inserted(result.rowcount):
                 return False
             await self.handler(session, received)

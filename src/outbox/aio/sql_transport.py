@@ -149,6 +149,9 @@ class AsyncSqlPublisher:
 class AsyncSqlSubscriber:
     """AsyncSubscriber of one topic for one consumer group on the SQL transport."""
 
+    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
+    counts_deliveries = True
+
     def __init__(self, transport: AsyncSqlTransport, topic: str, group: str, *,
                  visibility_timeout: float) -> None:
         sql.check_visibility_timeout(visibility_timeout)

@@ -155,6 +155,9 @@ class RemotingSubscriber:
     one when its config names a name server. ``orderly``: per-key order (see the
     module's description)."""
 
+    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
+    counts_deliveries = True
+
     def __init__(self, namesrv: str, topic: str, group: str, *, dead_letter_topic: str,
                  message_id_from: MessageIdFrom | None = None, request_timeout: float = 5.0,
                  max_reconsume_times: int = 16, orderly: bool = False) -> None:

@@ -14,6 +14,12 @@ The broker is itself the sync publisher; :meth:`InMemoryBroker.subscriber` hands
 out sync subscribers. :meth:`InMemoryBroker.async_publisher` and
 :meth:`InMemoryBroker.async_subscriber` are their asyncio forms over the same
 state, so a test may publish sync and consume async, or the other way round.
+
+:class:`MinimalSubscriber` (and :class:`AsyncMinimalSubscriber`) wraps any of them
+to leave only fetch, ack and close, every delivery's ``attempt`` 1: a broker like
+Kafka, for testing a consumer where the idempotent consumer holds, counts and keeps
+dead letters itself. :mod:`outbox.testing.contract` is the transport contract, for
+a test suite of an adapter of one's own.
 """
 
 from __future__ import annotations
@@ -24,14 +30,15 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .envelope import DELIVER_AT_HEADER, delivery_time
-from .errors import BrokerUnavailableError, PublishError
-from .message import Message
-from .schema import utcnow
-from .sql_queue import PollWait
-from .transport import Delivery
+from ..envelope import DELIVER_AT_HEADER, delivery_time
+from ..errors import BrokerUnavailableError, PublishError
+from ..message import Message
+from ..schema import utcnow
+from ..sql_queue import PollWait
+from ..transport import Delivery
+from ..typing import AsyncSubscriber, Subscriber
 
 #: How often a waiting fetch looks again without being woken (a retry delay ending).
 _POLL_SECONDS = 0.05
@@ -52,6 +59,9 @@ class _Group:
 
 class _Subscription:
     """What a subscriber of either form is: one topic, one group, one timeout."""
+
+    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
+    counts_deliveries = True
 
     def __init__(self, broker: InMemoryBroker, topic: str, group: str,
                  visibility_timeout: float) -> None:
@@ -292,3 +302,45 @@ class InMemoryAsyncSubscriber(_Subscription):
 
     async def close(self) -> None:
         pass
+
+
+class MinimalSubscriber:
+    """``inner`` with no optional ability: fetch, ack and close only, and every
+    delivery's ``attempt`` 1, as Kafka's subscriber has it."""
+
+    def __init__(self, inner: Subscriber) -> None:
+        self.inner = inner
+
+    def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
+        return [replace(d, attempt=1) for d in self.inner.fetch(max_messages, wait_seconds)]
+
+    def ack(self, delivery: Delivery) -> None:
+        self.inner.ack(delivery)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class MinimalSubscriberWithDeadLetters(MinimalSubscriber):
+    """:class:`MinimalSubscriber` that keeps the inner subscriber's dead-letter
+    destination (Kafka's dead-letter topic, say)."""
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.inner.dead_letter(delivery, reason)  # type: ignore[attr-defined]
+
+
+class AsyncMinimalSubscriber:
+    """:class:`MinimalSubscriber` for an asyncio subscriber."""
+
+    def __init__(self, inner: AsyncSubscriber) -> None:
+        self.inner = inner
+
+    async def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
+        found = await self.inner.fetch(max_messages, wait_seconds)
+        return [replace(d, attempt=1) for d in found]
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self.inner.ack(delivery)
+
+    async def close(self) -> None:
+        await self.inner.close()
