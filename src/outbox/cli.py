@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,6 +30,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from . import migrations, storage
+from .brokers import masked, open_broker
 from .db import create_engine, hide_secrets, safe_url
 from .errors import ConfigurationError, OutboxError
 from .log import clean, get_logger
@@ -44,6 +46,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Commands that read or change an existing database; only ``migrate`` creates one.
 NEEDS_EXISTING = frozenset({"downgrade", "status", "dead", "replay", "discard", "purge", "relay",
                             "rocketmq-recover"})
+#: Where ``--broker env`` reads the broker's URL (with its password) from.
+BROKER_URL_ENV = "OUTBOX_BROKER_URL"
 #: ``rocketmq-recover``'s exit status when it found messages it could not send again
 #: (no outbox row) or could not check (a broker did not answer).
 NEEDS_ATTENTION = 3
@@ -178,6 +182,13 @@ def _parser() -> argparse.ArgumentParser:
         "one for the batches, plus one LISTEN thread per PostgreSQL database.")
     to = c.add_mutually_exclusive_group(required=True)
     to.add_argument("--transport-db", help="database URL of the SQL transport")
+    to.add_argument("--broker", metavar="URL",
+                    help="a broker by URL: kafka://HOST:PORT, amqp://USER:PASSWORD@HOST:PORT/"
+                         "VHOST (RabbitMQ), redis://HOST:PORT/DB (Redis Streams) or "
+                         "nats://HOST:PORT (NATS JetStream); each needs its extra, e.g. "
+                         "pip install 'outbox[kafka]'. A URL with a password is better given "
+                         "as --broker env (read from OUTBOX_BROKER_URL), out of the process "
+                         "list")
     to.add_argument("--rocketmq-endpoints", metavar="HOST:PORT",
                     help="a RocketMQ 5 proxy's gRPC address; name the topics with --topic, "
                          "give ACL credentials as OUTBOX_ROCKETMQ_ACCESS_KEY and "
@@ -330,8 +341,24 @@ def _discard(engine: Engine, args: argparse.Namespace) -> str:
     return f"discarded {n}"
 
 
-def _publisher(args: argparse.Namespace) -> tuple[Publisher, str]:
-    """The relay's publisher and, for the log, where it publishes to."""
+def _publisher(args: argparse.Namespace, stack: ExitStack) -> tuple[Publisher, str]:
+    """The relay's publisher and, for the log, where it publishes to; ``stack`` closes
+    them."""
+    publisher, where = _open_publisher(args, stack)
+    stack.callback(publisher.close)
+    return publisher, where
+
+
+def _open_publisher(args: argparse.Namespace, stack: ExitStack) -> tuple[Publisher, str]:
+    if args.broker is not None:
+        if args.topics:
+            raise ConfigurationError("--topic is for RocketMQ; a --broker takes every topic")
+        url = os.environ.get(BROKER_URL_ENV, "") if args.broker == "env" else args.broker
+        if not url:
+            raise ConfigurationError(f"--broker env reads {BROKER_URL_ENV}, which is not set")
+        broker = open_broker(url)
+        stack.callback(broker.close)
+        return broker.publisher(), masked(url)
     if args.rocketmq_namesrv is not None:
         if not args.topics:
             raise ConfigurationError(
@@ -407,14 +434,12 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _run_relay(engine: Engine, args: argparse.Namespace) -> None:
-    publisher, where = _publisher(args)
-    relay = Relay(engine, publisher, _relay_config(args))
-    stop = _stop_on_signals()
-    log.info("relay_started", db=engine.url, transport=where)
-    try:
+    with ExitStack() as stack:
+        publisher, where = _publisher(args, stack)
+        relay = Relay(engine, publisher, _relay_config(args))
+        stop = _stop_on_signals()
+        log.info("relay_started", db=engine.url, transport=where)
         relay.run(stop)
-    finally:
-        publisher.close()
 
 
 def _run_relay_group(args: argparse.Namespace) -> None:
@@ -429,14 +454,12 @@ def _run_relay_group(args: argparse.Namespace) -> None:
             args.db = url  # a database error names the database it happened on
             _require_tables(engine)
         args.db = None
-        publisher, where = _publisher(args)
-        try:
+        with ExitStack() as stack:
+            publisher, where = _publisher(args, stack)
             group = RelayGroup(engines, publisher, _relay_config(args))
             stop = _stop_on_signals()
             log.info("relay_started", dbs=", ".join(group.names), transport=where)
             group.run(stop)
-        finally:
-            publisher.close()
     finally:
         for engine in engines:
             engine.dispose()

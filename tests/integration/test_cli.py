@@ -299,3 +299,25 @@ def test_a_relay_is_told_where_its_topics_go(
 ) -> None:
     code, out, err = run(capsys, "relay", "--db", migrated, *argv)
     assert_one_line_error(code, out, err, *words)
+
+
+@pytest.mark.parametrize(("broker", "words"), [
+    (f"mqtt://u:{SECRET}@127.0.0.1:1883", ("no broker adapter for URLs starting mqtt://",
+                                            "kafka")),
+    ("127.0.0.1:9092", ("has no scheme", "kafka://HOST:PORT")),
+    ("env", ("--broker env reads OUTBOX_BROKER_URL",)),
+])
+def test_a_bad_broker_url_is_one_line_without_the_password(
+    migrated: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    broker: str, words: tuple[str, ...],
+) -> None:
+    monkeypatch.delenv("OUTBOX_BROKER_URL", raising=False)
+    code, out, err = run(capsys, "relay", "--db", migrated, "--broker", broker)
+    assert_one_line_error(code, out, err, *words)
+    assert SECRET not in out + err
+
+
+def test_a_broker_takes_no_topic_list(migrated: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "relay", "--db", migrated, "--broker", "kafka://127.0.0.1:1",
+                         "--topic", "t")
+    assert_one_line_error(code, out, err, "--topic is for RocketMQ")

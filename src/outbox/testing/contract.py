@@ -503,8 +503,9 @@ class TransportContract:
         # A message that slipped past validation: the adapter must refuse it, and with
         # it every other message of the batch.
         broken = object.__new__(Message)
-        for name, value in {"topic": "contract", "payload": None, "id": "broken", "key": None,
-                            "tag": None, "headers": {}}.items():
+        fields_: dict[str, Any] = {"topic": "contract", "payload": None, "id": "broken",
+                                   "key": None, "tag": None, "headers": {}}
+        for name, value in fields_.items():
             object.__setattr__(broken, name, value)
         with pytest.raises(PublishError):
             pub.publish_batch([message(id="b-1"), message(id="b-2"), broken])
