@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import structlog
 
 from outbox import Delivery, OutboxError
+from outbox.transport import AsyncSubscriberWrapper, SubscriberWrapper
 from outbox.typing import AsyncSubscriber, Subscriber
 
 log = structlog.get_logger("bank_transfer.runs")
@@ -53,11 +54,13 @@ class RunFilter:
         log.warning("other_run_ack_failed", error=str(exc), message_id=delivery.message_id)
 
 
-class OnlyRun(RunFilter):
-    """A Subscriber passing on only the messages of one demo run."""
+class OnlyRun(RunFilter, SubscriberWrapper):
+    """A Subscriber passing on only the messages of one demo run (with the optional
+    abilities of the one it wraps)."""
 
     def __init__(self, subscriber: Subscriber, run_id: str) -> None:
-        super().__init__(run_id)
+        RunFilter.__init__(self, run_id)
+        SubscriberWrapper.__init__(self, subscriber)
         self.subscriber = subscriber
 
     def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
@@ -69,21 +72,13 @@ class OnlyRun(RunFilter):
                 self.ack_failed(delivery, exc)
         return ours
 
-    def ack(self, delivery: Delivery) -> None:
-        self.subscriber.ack(delivery)
 
-    def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        self.subscriber.retry(delivery, delay_seconds, error)
-
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self.subscriber.dead_letter(delivery, reason)
-
-
-class AsyncOnlyRun(RunFilter):
+class AsyncOnlyRun(RunFilter, AsyncSubscriberWrapper):
     """An asyncio Subscriber passing on only the messages of one demo run."""
 
     def __init__(self, subscriber: AsyncSubscriber, run_id: str) -> None:
-        super().__init__(run_id)
+        RunFilter.__init__(self, run_id)
+        AsyncSubscriberWrapper.__init__(self, subscriber)
         self.subscriber = subscriber
 
     async def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
@@ -94,15 +89,3 @@ class AsyncOnlyRun(RunFilter):
             except OutboxError as exc:
                 self.ack_failed(delivery, exc)
         return ours
-
-    async def ack(self, delivery: Delivery) -> None:
-        await self.subscriber.ack(delivery)
-
-    async def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        await self.subscriber.retry(delivery, delay_seconds, error)
-
-    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        await self.subscriber.dead_letter(delivery, reason)
-
-    async def close(self) -> None:
-        await self.subscriber.close()

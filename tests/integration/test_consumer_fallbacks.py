@@ -26,7 +26,7 @@ from outbox.testing import (
     MinimalSubscriber,
     MinimalSubscriberWithDeadLetters,
 )
-from outbox.transport import Delivery
+from outbox.transport import AsyncSubscriberWrapper, Delivery, SubscriberWrapper
 from outbox.typing import Abilities
 
 TOPIC = "transfers"
@@ -238,3 +238,17 @@ def test_async_consumer_holds_counts_and_dead_letters(engine: Engine,
     assert attempts_rows(engine) == []
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(consumer_attempts)) == 0
+
+
+def test_a_wrapper_passes_on_only_the_abilities_the_inner_subscriber_has() -> None:
+    broker = InMemoryBroker()
+    full = SubscriberWrapper(broker.subscriber(TOPIC, GROUP))
+    bare = SubscriberWrapper(MinimalSubscriber(broker.subscriber(TOPIC, GROUP)))
+    assert Abilities.of(full) == Abilities(True, True, True)
+    assert Abilities.of(bare) == Abilities(False, False, False)
+    assert Abilities.of(AsyncSubscriberWrapper(broker.async_subscriber(TOPIC, GROUP))) == \
+        Abilities(True, True, True)
+    assert Abilities.of(AsyncSubscriberWrapper(AsyncMinimalSubscriber(
+        broker.async_subscriber(TOPIC, GROUP)))) == Abilities(False, False, False)
+    with pytest.raises(AttributeError):
+        bare.retry  # noqa: B018

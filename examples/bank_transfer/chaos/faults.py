@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Delivery, Message, ReceivedMessage
 from outbox.consumer import Handler
+from outbox.transport import SubscriberWrapper
 from outbox.typing import BatchPublisher, Publisher, Subscriber
 from outbox_rocketmq import RocketMQTransactionalProducer
 from outbox_rocketmq.halfsend import HalfSender
@@ -216,25 +217,13 @@ def wrap_publisher(publisher: Publisher) -> Publisher:
 # -- bank2 ------------------------------------------------------------------------------
 
 
-class CrashingSubscriber:
+class CrashingSubscriber(SubscriberWrapper):
     """A subscriber dying in ``ack``: the business transaction (credit and inbox row)
     has committed, the broker has not heard of it and will deliver again."""
 
-    def __init__(self, subscriber: Subscriber) -> None:
-        self.subscriber = subscriber
-
-    def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
-        return self.subscriber.fetch(max_messages, wait_seconds)
-
     def ack(self, delivery: Delivery) -> None:
         FAULTS.maybe_crash("before_ack")
-        self.subscriber.ack(delivery)
-
-    def retry(self, delivery: Delivery, delay_seconds: float, error: str) -> None:
-        self.subscriber.retry(delivery, delay_seconds, error)
-
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self.subscriber.dead_letter(delivery, reason)
+        self.inner.ack(delivery)
 
 
 def wrap_subscriber(subscriber: Subscriber) -> Subscriber:
