@@ -5,14 +5,11 @@ A broker adapter is a module with a ``connect(url, **options)`` function returni
 consumer its subscriber, in sync and asyncio forms. The URL's scheme picks the
 adapter:
 
-=================  ===================  =========================================
-scheme             module               install
-=================  ===================  =========================================
-``kafka``          ``outbox_kafka``     ``pip install 'outbox[kafka]'``
-``amqp``/``amqps`` ``outbox_rabbitmq``  ``pip install 'outbox[rabbitmq]'``
-``redis``/``rediss`` ``outbox_redis``   ``pip install 'outbox[redis]'``
-``nats``/``tls``   ``outbox_nats``      ``pip install 'outbox[nats]'``
-=================  ===================  =========================================
+====================  ================  ================================
+scheme                module            install
+====================  ================  ================================
+``redis``/``rediss``  ``outbox_redis``  ``pip install 'outbox[redis]'``
+====================  ================  ================================
 
 A package of the user's own joins the table through the ``outbox.brokers`` entry
 point group (name: the scheme, value: ``module:connect``). Passwords in a URL never
@@ -55,13 +52,8 @@ class Broker(Protocol):
 
 #: scheme -> (module, extra to install)
 BUILTIN: dict[str, tuple[str, str]] = {
-    "kafka": ("outbox_kafka", "kafka"),
-    "amqp": ("outbox_rabbitmq", "rabbitmq"),
-    "amqps": ("outbox_rabbitmq", "rabbitmq"),
     "redis": ("outbox_redis", "redis"),
     "rediss": ("outbox_redis", "redis"),
-    "nats": ("outbox_nats", "nats"),
-    "tls": ("outbox_nats", "nats"),
 }
 
 ENTRY_POINT_GROUP = "outbox.brokers"
@@ -116,8 +108,8 @@ def scheme_of(url: str) -> str:
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme:
         raise ConfigurationError(
-            f"broker URL {masked(url)!r} has no scheme; write it like kafka://HOST:PORT, "
-            "amqp://USER:PASSWORD@HOST:PORT/VHOST, redis://HOST:PORT/DB or nats://HOST:PORT")
+            f"broker URL {masked(url)!r} has no scheme; write it like redis://HOST:PORT/DB "
+            "(or the scheme of an adapter of your own)")
     return scheme.lower()
 
 

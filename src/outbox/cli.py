@@ -183,10 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     to = c.add_mutually_exclusive_group(required=True)
     to.add_argument("--transport-db", help="database URL of the SQL transport")
     to.add_argument("--broker", metavar="URL",
-                    help="a broker by URL: kafka://HOST:PORT, amqp://USER:PASSWORD@HOST:PORT/"
-                         "VHOST (RabbitMQ), redis://HOST:PORT/DB (Redis Streams) or "
-                         "nats://HOST:PORT (NATS JetStream); each needs its extra, e.g. "
-                         "pip install 'outbox[kafka]'. A URL with a password is better given "
+                    help="a broker by URL: redis://[:PASSWORD@]HOST:PORT/DB (Redis Streams, "
+                         "pip install 'outbox[redis]'), or the scheme of an adapter registered "
+                         "under the outbox.brokers entry points. A URL with a password is "
+                         "better given "
                          "as --broker env (read from OUTBOX_BROKER_URL), out of the process "
                          "list")
     to.add_argument("--rocketmq-endpoints", metavar="HOST:PORT",

@@ -303,8 +303,8 @@ def test_a_relay_is_told_where_its_topics_go(
 
 @pytest.mark.parametrize(("broker", "words"), [
     (f"mqtt://u:{SECRET}@127.0.0.1:1883", ("no broker adapter for URLs starting mqtt://",
-                                            "kafka")),
-    ("127.0.0.1:9092", ("has no scheme", "kafka://HOST:PORT")),
+                                            "redis")),
+    ("127.0.0.1:6379", ("has no scheme", "redis://HOST:PORT/DB")),
     ("env", ("--broker env reads OUTBOX_BROKER_URL",)),
 ])
 def test_a_bad_broker_url_is_one_line_without_the_password(
@@ -318,6 +318,6 @@ def test_a_bad_broker_url_is_one_line_without_the_password(
 
 
 def test_a_broker_takes_no_topic_list(migrated: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "relay", "--db", migrated, "--broker", "kafka://127.0.0.1:1",
+    code, out, err = run(capsys, "relay", "--db", migrated, "--broker", "redis://127.0.0.1:1",
                          "--topic", "t")
     assert_one_line_error(code, out, err, "--topic is for RocketMQ")

@@ -53,24 +53,24 @@ class FakeBroker:
 
 
 def test_a_builtin_scheme_loads_its_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = types.ModuleType("outbox_kafka")
+    module = types.ModuleType("outbox_redis")
     module.connect = FakeBroker  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "outbox_kafka", module)
-    broker = open_broker("kafka://127.0.0.1:9092", client_id="x")
+    monkeypatch.setitem(sys.modules, "outbox_redis", module)
+    broker = open_broker("redis://127.0.0.1:6379/0", client_id="x")
     assert isinstance(broker, FakeBroker) and isinstance(broker, Broker)
     assert broker.options == {"client_id": "x"}
 
 
 def test_an_adapter_returning_something_else_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = types.ModuleType("outbox_nats")
+    module = types.ModuleType("outbox_redis")
     module.connect = lambda url: object()  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "outbox_nats", module)
+    monkeypatch.setitem(sys.modules, "outbox_redis", module)
     with pytest.raises(ConfigurationError, match="returned object, which lacks"):
-        open_broker("nats://127.0.0.1:4222")
+        open_broker("rediss://127.0.0.1:6379")
 
 
 def test_a_missing_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "outbox_rabbitmq", None)  # import fails
-    with pytest.raises(ConfigurationError, match=r"pip install 'outbox\[rabbitmq\]'") as info:
-        open_broker("amqp://u:s3cret@127.0.0.1/")
+    monkeypatch.setitem(sys.modules, "outbox_redis", None)  # import fails
+    with pytest.raises(ConfigurationError, match=r"pip install 'outbox\[redis\]'") as info:
+        open_broker("redis://:s3cret@127.0.0.1/0")
     assert "s3cret" not in str(info.value)

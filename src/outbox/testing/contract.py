@@ -329,11 +329,12 @@ class TransportContract:
     def test_an_unacknowledged_delivery_comes_back_to_the_group(
             self, contract_transport: Under) -> None:
         under = contract_transport
-        first = under.subscriber("contract", "g", visibility_timeout=self.scale(under, 0.5))
+        timeout = self.scale(under, 0.5)
+        first = under.subscriber("contract", "g", visibility_timeout=timeout)
         under.publisher().publish(message(id="m-1", payload=b"x"))
         assert self.fetch_one(under, first).message_id == "m-1"
         first.close()  # as a crash would: never acknowledged
-        second = under.subscriber("contract", "g", visibility_timeout=self.scale(under, 30))
+        second = under.subscriber("contract", "g", visibility_timeout=timeout)
         [again] = fetch_all(second, 1, self.scale(under, 20))
         assert (again.message_id, again.payload) == ("m-1", b"x")
         if under.features.counts_deliveries:
