@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-postgres demo-mariadb demo-rocketmq demo-rocketmq4 chaos bench model-check test lint services services-down clean
+.PHONY: demo demo-postgres demo-mariadb demo-rocketmq demo-rocketmq4 demo-kafka demo-redis chaos bench model-check test lint services services-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,18 @@ demo-rocketmq4: $(STAMP)
 	eval "$$(scripts/rocketmq4 env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
 	  --transport rocketmq --rocketmq-namesrv "$$OUTBOX_TEST_ROCKETMQ4_NAMESRV"
 
+# The same demo over the other brokers (--transport broker --broker URL): every
+# transfer's message is an outbox row that the relay publishes to the broker.
+demo-kafka: $(STAMP)
+	scripts/kafka up
+	eval "$$(scripts/kafka env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
+	  --transport broker --broker "$$OUTBOX_TEST_KAFKA_URL"
+
+demo-redis: $(STAMP)
+	scripts/services up redis
+	eval "$$(scripts/services env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
+	  --transport broker --broker "$$OUTBOX_TEST_REDIS_URL"
+
 # The services under faults (kills, outages, hostile messages) on every database and
 # adapter (SQL transport, RocketMQ 5 through the proxy, RocketMQ 4.9 over remoting); ends with a CHAOS line, non-zero when anything was lost or duplicated.
 # More: make chaos CHAOS_ARGS="--matrix full --transfers 200 --seed 42"
@@ -59,16 +71,23 @@ bench: $(STAMP) services
 	eval "$$(scripts/services env)"; OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) \
 	  PYTHONPATH=scripts $(PY) -m bench $(if $(QUICK),--quick) $(BENCH_ARGS)
 
-# The two RocketMQ brokers start side by side (each JVM takes a while to come up).
+# The databases and Redis first (one apt run installs every Debian package), then
+# the brokers side by side (each JVM takes a while to come up).
+BROKERS := rocketmq4 rocketmq kafka
 services:
 	scripts/services up
-	scripts/rocketmq4 up & four=$$!; scripts/rocketmq up; five=$$?; \
-	  wait $$four || { echo "scripts/rocketmq4 up failed" >&2; exit 1; }; exit $$five
+	pids=""; for b in $(BROKERS); do scripts/$$b up & pids="$$pids $$!:$$b"; done; rc=0; \
+	  for p in $$pids; do wait $${p%%:*} || { echo "scripts/$${p#*:} up failed" >&2; rc=1; }; done; \
+	  exit $$rc
 
 services-down:
-	scripts/rocketmq4 down
-	scripts/rocketmq down
+	for b in $(BROKERS); do scripts/$$b down; done
 	scripts/services down
+
+# The shell lines that point the tests at every service.
+SERVICE_ENV := eval "$$(scripts/services env)"; eval "$$(scripts/rocketmq4 env)"; \
+	  eval "$$(scripts/kafka env)"; \
+	  export OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) OUTBOX_TEST_ROCKETMQ_NAMESRV=$(RMQ_NAMESRV);
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples migrations
@@ -83,9 +102,7 @@ model-check:
 
 test: $(STAMP) services lint
 	scripts/model-check --install
-	eval "$$(scripts/services env)"; eval "$$(scripts/rocketmq4 env)"; \
-	  OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) OUTBOX_TEST_ROCKETMQ_NAMESRV=$(RMQ_NAMESRV) \
-	  $(PY) -m pytest
+	$(SERVICE_ENV) $(PY) -m pytest
 
 clean:
 	rm -rf .demo .chaos .model-check .pytest_cache .mypy_cache .ruff_cache

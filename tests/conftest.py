@@ -247,6 +247,27 @@ def _broker_url(variable: str, what: str, how: str) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def kafka_url() -> str:
+    """The Kafka test broker (``scripts/kafka up``), from OUTBOX_TEST_KAFKA_URL."""
+    return _broker_url("OUTBOX_TEST_KAFKA_URL", "Kafka",
+                       'run scripts/kafka up and eval "$(scripts/kafka env)"')
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """The RabbitMQ test server (``scripts/rabbitmq up``), from OUTBOX_TEST_RABBITMQ_URL."""
+    return _broker_url("OUTBOX_TEST_RABBITMQ_URL", "RabbitMQ",
+                       'run scripts/rabbitmq up and eval "$(scripts/rabbitmq env)"')
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """The NATS JetStream test server (``scripts/nats up``), from OUTBOX_TEST_NATS_URL."""
+    return _broker_url("OUTBOX_TEST_NATS_URL", "NATS",
+                       'run scripts/nats up and eval "$(scripts/nats env)"')
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Which database a test runs on: sqlite, postgres or mariadb."""

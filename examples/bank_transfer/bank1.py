@@ -50,6 +50,7 @@ from outbox import (
     create_async_engine,
 )
 from outbox.aio import AsyncSqlTransport
+from outbox.brokers import open_broker
 from outbox.db import safe_url
 from outbox.transaction import DEFAULT_LOCAL_TRANSACTION_TIMEOUT
 from outbox.typing import AsyncSubscriber
@@ -61,7 +62,13 @@ from .models import bank1_accounts as accounts
 from .models import refunds, transfers
 from .runs import RUN_ID, AsyncOnlyRun
 from .runtime import configure_logging, url_option
-from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
+from .transports import (
+    BROKER,
+    ROCKETMQ,
+    add_transport_options,
+    check_transport_options,
+    rocketmq_config,
+)
 from .validation import BadRequest, TransferRequest, parse_amount, parse_transfer
 
 log = structlog.get_logger("bank_transfer.bank1")
@@ -322,6 +329,8 @@ def create_app(
         finally:
             if consumer is not None:
                 await consumer.stop()  # the refund in hand finishes first
+            if refund_subscriber is not None:
+                await refund_subscriber.close()  # leaves its consumer group at once
             if isinstance(delivery, RocketMQTransactionalProducer):
                 await delivery.aclose()  # ends the half messages still in hand
             await engine.dispose()
@@ -372,6 +381,10 @@ def main(argv: list[str] | None = None) -> None:
                 config, [TOPIC], fallback_to_outbox=True,
                 guard_after=dt.timedelta(seconds=2 * args.local_transaction_timeout),
             )
+    elif args.transport == BROKER:
+        # No half messages: every transfer's message is an outbox row, published by
+        # the relay.
+        subscriber = open_broker(args.broker).async_subscriber(REFUND_TOPIC, args.refund_group)
     else:
         subscriber = AsyncSqlTransport(create_async_engine(args.transport_db)).subscriber(
             REFUND_TOPIC, args.refund_group)

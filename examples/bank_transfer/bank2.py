@@ -42,6 +42,7 @@ from outbox import (
     SqlTransport,
     create_engine,
 )
+from outbox.brokers import Broker, masked, open_broker
 from outbox.consumer import Handler
 from outbox.db import safe_url
 from outbox.typing import Publisher, Subscriber
@@ -53,7 +54,13 @@ from .models import bank2_accounts as accounts
 from .models import credits, returns
 from .runs import RUN_ID, OnlyRun
 from .runtime import configure_logging, stop_on_signals, url_option
-from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
+from .transports import (
+    BROKER,
+    ROCKETMQ,
+    add_transport_options,
+    check_transport_options,
+    rocketmq_config,
+)
 from .validation import BadRequest, parse_account, parse_amount, parse_transfer_no
 
 log = structlog.get_logger("bank_transfer.bank2")
@@ -254,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     subscriber: Subscriber
     publisher: Publisher
     rocketmq: RocketMQSubscriber | None = None
+    broker: Broker | None = None
     if args.transport == ROCKETMQ:
         config = rocketmq_config(args.rocketmq_endpoints, args.rocketmq_namesrv)
         rocketmq = subscriber = RocketMQSubscriber(
@@ -262,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         publisher = RocketMQPublisher(config, [REFUND_TOPIC])
         where = f"rocketmq {config.where}"
+    elif args.transport == BROKER:
+        broker = open_broker(args.broker)
+        subscriber = broker.subscriber(TOPIC, args.group,
+                                       visibility_timeout=args.redelivery_seconds)
+        publisher = broker.publisher()
+        where = masked(args.broker)
     else:
         transport_engine = create_engine(args.transport_db)
         transport = SqlTransport(transport_engine, poll_interval=args.poll_interval)
@@ -305,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
         publisher.close()
         if rocketmq is not None:
             rocketmq.close()
+        if broker is not None:
+            subscriber.close()
+            broker.close()
         bank2.dispose()
         if transport_engine is not None:
             transport_engine.dispose()

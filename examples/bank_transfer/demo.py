@@ -9,6 +9,9 @@ services' logs go to files in the run folder, not to this output.
 ``--transport rocketmq`` runs the same over a RocketMQ 5 broker (``scripts/rocketmq
 up`` starts one): bank1 sends transactional half messages, bank2 consumes with a
 consumer group of this run's own, and only this run's transfers count.
+``--transport broker --broker URL`` does the same over Kafka, RabbitMQ, Redis Streams
+or NATS JetStream (``make demo-kafka`` and the like start one): every transfer's
+message is an outbox row that the relay publishes.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from sqlalchemy import Engine, make_url, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from outbox import JsonCodec, Message, OutboxError, SqlTransport, create_engine
+from outbox.brokers import masked, open_broker, scheme_of
 from outbox.db import safe_url
 from outbox.schema import SENT
 from outbox.storage import read_messages
+from outbox.typing import Publisher
 from outbox_rocketmq import RocketMQPublisher
 
 from . import CONSUMER_GROUP, REFUND_GROUP, TOPIC
@@ -45,7 +50,7 @@ from .children import Child, ServiceFailed, free_port, start, stop_all, wait_hea
 from .models import transfers
 from .runs import run_transfer_no
 from .setup import setup, setup_transport
-from .transports import DEFAULT_ENDPOINTS, ROCKETMQ, SQL, TRANSPORTS, rocketmq_config
+from .transports import BROKER, DEFAULT_ENDPOINTS, ROCKETMQ, SQL, TRANSPORTS, rocketmq_config
 
 #: (transfer number, amount as sent, to account, should it commit?). Account 1 starts
 #: with 10000.00; TX-0006 and TX-0011 ask for more than is left (TX-0011 by one cent).
@@ -78,17 +83,29 @@ class Broker:
 
     endpoints: str
     namesrv: str | None = None
+    #: Any other broker, by its URL (``--transport broker``); then the two above
+    #: are unused.
+    url: str | None = None
     run_id: str = field(default_factory=lambda: "r" + secrets.token_hex(4))
 
     @property
     def where(self) -> str:
+        if self.url:
+            return masked(self.url)
         return f"name server {self.namesrv}" if self.namesrv else f"proxy {self.endpoints}"
 
     @property
     def args(self) -> list[str]:
         """The services' options to reach this broker."""
+        if self.url:
+            return ["--transport", BROKER, "--broker", self.url]
         extra = ["--rocketmq-namesrv", self.namesrv] if self.namesrv else []
         return ["--transport", ROCKETMQ, "--rocketmq-endpoints", self.endpoints, *extra]
+
+    def publisher(self) -> Publisher:
+        if self.url:
+            return open_broker(self.url).publisher()
+        return RocketMQPublisher(rocketmq_config(self.endpoints, self.namesrv), [TOPIC])
 
     @property
     def group(self) -> str:
@@ -205,12 +222,12 @@ def publish_again_rocketmq(bank1: Engine, broker: Broker) -> str:
         payload=JsonCodec().encode(
             transfer_message(row.transfer_no, row.from_account, row.to_account, row.amount)),
     )
-    publisher = RocketMQPublisher(rocketmq_config(broker.endpoints, broker.namesrv), [TOPIC])
+    publisher = broker.publisher()
     try:
         publisher.publish(message)
     finally:
         publisher.close()
-    say(f"published message {message.id} onto RocketMQ a second time (same id)")
+    say(f"published message {message.id} onto the broker a second time (same id)")
     return message.id
 
 
@@ -307,18 +324,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bank1-db", help="bank1's database URL (default: run folder/bank1.db)")
     parser.add_argument("--bank2-db", help="bank2's database URL (default: run folder/bank2.db)")
     parser.add_argument("--transport", choices=TRANSPORTS, default=SQL,
-                        help="sql (default): the embedded SQL transport; rocketmq: a broker")
+                        help="sql (default): the embedded SQL transport; rocketmq: a RocketMQ "
+                             "broker; broker: any broker by --broker URL")
     parser.add_argument("--transport-db", help="SQL transport URL (default: run folder/broker.db)")
     parser.add_argument("--rocketmq-endpoints", default=DEFAULT_ENDPOINTS,
                         help=f"the RocketMQ gRPC proxy (default {DEFAULT_ENDPOINTS})")
     parser.add_argument("--rocketmq-namesrv", default=None,
                         help="a RocketMQ 4.x name server: the services reach its brokers over "
                              "the remoting protocol instead of the proxy")
+    parser.add_argument("--broker", metavar="URL",
+                        help="with --transport broker: the broker's URL (kafka://, amqp://, "
+                             "redis://, nats://; see outbox.brokers)")
     parser.add_argument("--port", type=int, default=0, help="bank1's port (default: a free one)")
     parser.add_argument("--settle-timeout", type=float, default=60.0, help="seconds (default 60)")
     args = parser.parse_args(argv)
-    if args.transport == ROCKETMQ and args.transport_db:
+    if args.transport != SQL and args.transport_db:
         parser.error("--transport-db is for --transport sql")
+    if (args.transport == BROKER) != bool(args.broker):
+        parser.error("--transport broker goes with --broker URL, and --broker with it")
     return args
 
 
@@ -362,15 +385,21 @@ def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout:
             engine.dispose()
 
 
-def check_proxy(endpoints: str) -> None:
-    """Fail with what to do when nothing listens at the (first) proxy endpoint."""
-    host, _, port = endpoints.split(";")[0].rpartition(":")
+def check_proxy(broker: Broker) -> None:
+    """Fail with what to do when nothing listens at the broker's (first) address."""
+    if broker.url:
+        address = broker.url.partition("://")[2].rpartition("@")[2]
+        address = address.split("/")[0].split("?")[0].split(",")[0]
+        how = "start it (scripts/kafka, scripts/rabbitmq, scripts/nats up, or " \
+              "scripts/services up redis)"
+    else:
+        address = (broker.namesrv or broker.endpoints).split(";")[0]
+        how = "start one with scripts/rocketmq up (5.x) or scripts/rocketmq4 up (4.x)"
+    host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=3.0).close()
     except (OSError, ValueError) as exc:
-        raise ServiceFailed(f"no RocketMQ proxy or name server answers at {endpoints} "
-                            f"({exc}); start one with scripts/rocketmq up (5.x) or "
-                            "scripts/rocketmq4 up (4.x)") from None
+        raise ServiceFailed(f"no broker answers at {broker.where} ({exc}); {how}") from None
 
 
 def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
@@ -382,7 +411,7 @@ def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
     transport_args = broker.args
     children: list[Child] = []
     try:
-        check_proxy(broker.namesrv or broker.endpoints)
+        check_proxy(broker)
         setup(bank1, "bank1", reset=True)
         setup(bank2, "bank2", reset=True)
         run.before = balances(bank1, bank2)
@@ -428,10 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"run folder: {workdir}")
     for name, url in urls.items():
         say(f"{name + ' database:':<20}{safe_url(url)}")
-    broker = (Broker(args.rocketmq_endpoints, args.rocketmq_namesrv)
-              if args.transport == ROCKETMQ else None)
+    broker = (Broker(args.rocketmq_endpoints, args.rocketmq_namesrv, args.broker)
+              if args.transport != SQL else None)
     if broker is not None:
-        say(f"transport:          RocketMQ at {broker.where}, topic {TOPIC}, "
+        kind = f"{scheme_of(broker.url)}:// broker" if broker.url else "RocketMQ"
+        say(f"transport:          {kind} at {broker.where}, topic {TOPIC}, "
             f"consumer group {broker.group}")
         say(f"run id:             {broker.run_id} (transfer numbers "
             f"{broker.transfer_no('TX-0001')} ...)")

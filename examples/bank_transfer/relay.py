@@ -3,8 +3,9 @@
 Run with ``python -m bank_transfer.relay --db BANK1_URL --transport-db URL`` (the
 SQL transport), or ``--transport rocketmq [--rocketmq-endpoints HOST:PORT]``: then
 bank1 sends half messages itself, and the relay publishes only the rows written
-while the broker could not be reached. It stops on SIGTERM or SIGINT after the
-batch in hand.
+while the broker could not be reached; or ``--transport broker --broker URL``: every
+transfer's message is an outbox row that the relay publishes to that broker. It
+stops on SIGTERM or SIGINT after the batch in hand.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tenacity
 from sqlalchemy import Engine
 
 from outbox import Relay, RelayConfig, SqlTransport, create_engine
+from outbox.brokers import Broker, masked, open_broker
 from outbox.db import safe_url
 from outbox.typing import Publisher
 from outbox_rocketmq import RocketMQPublisher
@@ -23,7 +25,13 @@ from outbox_rocketmq import RocketMQPublisher
 from . import TOPIC
 from .chaos import faults
 from .runtime import configure_logging, stop_on_signals, url_option
-from .transports import ROCKETMQ, add_transport_options, check_transport_options, rocketmq_config
+from .transports import (
+    BROKER,
+    ROCKETMQ,
+    add_transport_options,
+    check_transport_options,
+    rocketmq_config,
+)
 
 log = structlog.get_logger("bank_transfer.relay")
 
@@ -45,11 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     bank1 = create_engine(args.db)
     publisher: Publisher
     transport_engine: Engine | None = None
+    broker: Broker | None = None
     if args.transport == ROCKETMQ:
         # Connects on the first row to publish: normal sends to the MIXED topic.
         config = rocketmq_config(args.rocketmq_endpoints, args.rocketmq_namesrv)
         publisher = RocketMQPublisher(config, [TOPIC])
         where = f"rocketmq {config.where}"
+    elif args.transport == BROKER:
+        broker = open_broker(args.broker)
+        publisher = broker.publisher()
+        where = masked(args.broker)
     else:
         transport_engine = create_engine(args.transport_db)
         publisher = SqlTransport(transport_engine).publisher()
@@ -65,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         relay.run(stop)
     finally:
         publisher.close()
+        if broker is not None:
+            broker.close()
         bank1.dispose()
         if transport_engine is not None:
             transport_engine.dispose()

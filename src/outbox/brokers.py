@@ -5,11 +5,14 @@ A broker adapter is a module with a ``connect(url, **options)`` function returni
 consumer its subscriber, in sync and asyncio forms. The URL's scheme picks the
 adapter:
 
-====================  ================  ================================
-scheme                module            install
-====================  ================  ================================
-``redis``/``rediss``  ``outbox_redis``  ``pip install 'outbox[redis]'``
-====================  ================  ================================
+====================  ===================  ================================
+scheme                module               install
+====================  ===================  ================================
+``redis``/``rediss``  ``outbox_redis``     ``pip install 'outbox[redis]'``
+``kafka``             ``outbox_kafka``     ``pip install 'outbox[kafka]'``
+``amqp``/``amqps``    ``outbox_rabbitmq``  ``pip install 'outbox[rabbitmq]'``
+``nats``/``tls``      ``outbox_nats``      ``pip install 'outbox[nats]'``
+====================  ===================  ================================
 
 A package of the user's own joins the table through the ``outbox.brokers`` entry
 point group (name: the scheme, value: ``module:connect``). Passwords in a URL never
@@ -35,17 +38,20 @@ class Broker(Protocol):
     ``publisher()`` is what the relay publishes through (it has ``publish_batch``
     where the broker can batch); ``subscriber(topic, group)`` is what an
     :class:`~outbox.IdempotentConsumer` reads from. The ``async_`` forms are the same
-    for asyncio services. Whatever the broker needs before it can carry a topic
+    for asyncio services. A subscriber's ``options`` are the adapter's own; every
+    adapter of the project takes ``visibility_timeout`` (seconds before an
+    unacknowledged delivery may come back, where the broker has such a time). Whatever
+    the broker needs before it can carry a topic
     (a stream, a queue, an exchange) is declared by these calls, idempotently.
     """
 
     def publisher(self) -> Publisher: ...
 
-    def subscriber(self, topic: str, group: str) -> Subscriber: ...
+    def subscriber(self, topic: str, group: str, **options: Any) -> Subscriber: ...
 
     def async_publisher(self) -> AsyncPublisher: ...
 
-    def async_subscriber(self, topic: str, group: str) -> AsyncSubscriber: ...
+    def async_subscriber(self, topic: str, group: str, **options: Any) -> AsyncSubscriber: ...
 
     def close(self) -> None: ...
 
@@ -54,6 +60,11 @@ class Broker(Protocol):
 BUILTIN: dict[str, tuple[str, str]] = {
     "redis": ("outbox_redis", "redis"),
     "rediss": ("outbox_redis", "redis"),
+    "kafka": ("outbox_kafka", "kafka"),
+    "amqp": ("outbox_rabbitmq", "rabbitmq"),
+    "amqps": ("outbox_rabbitmq", "rabbitmq"),
+    "nats": ("outbox_nats", "nats"),
+    "tls": ("outbox_nats", "nats"),
 }
 
 ENTRY_POINT_GROUP = "outbox.brokers"
