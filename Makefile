@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-postgres demo-mariadb demo-rocketmq demo-rocketmq4 demo-kafka demo-redis chaos bench model-check test lint services services-down clean
+.PHONY: demo demo-postgres demo-mariadb demo-rocketmq demo-rocketmq4 demo-kafka demo-nats demo-rabbitmq demo-redis chaos bench model-check test lint services services-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,19 +48,29 @@ demo-kafka: $(STAMP)
 	eval "$$(scripts/kafka env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
 	  --transport broker --broker "$$OUTBOX_TEST_KAFKA_URL"
 
+demo-nats: $(STAMP)
+	scripts/nats up
+	eval "$$(scripts/nats env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
+	  --transport broker --broker "$$OUTBOX_TEST_NATS_URL"
+
+demo-rabbitmq: $(STAMP)
+	scripts/rabbitmq up
+	eval "$$(scripts/rabbitmq env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
+	  --transport broker --broker "$$OUTBOX_TEST_RABBITMQ_URL"
+
 demo-redis: $(STAMP)
 	scripts/services up redis
 	eval "$$(scripts/services env)"; PYTHONPATH=examples $(PY) -m bank_transfer.demo \
 	  --transport broker --broker "$$OUTBOX_TEST_REDIS_URL"
 
 # The services under faults (kills, outages, hostile messages) on every database and
-# adapter (SQL transport, RocketMQ 5 through the proxy, RocketMQ 4.9 over remoting); ends with a CHAOS line, non-zero when anything was lost or duplicated.
+# adapter (SQL transport, RocketMQ 5 through the proxy, RocketMQ 4.9 over remoting, the
+# brokers reached by URL); ends with a CHAOS line, non-zero when anything was lost or
+# duplicated.
 # More: make chaos CHAOS_ARGS="--matrix full --transfers 200 --seed 42"
 CHAOS_ARGS ?=
 chaos: $(STAMP) services
-	eval "$$(scripts/services env)"; eval "$$(scripts/rocketmq4 env)"; \
-	  OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) \
-	  PYTHONPATH=examples $(PY) -m bank_transfer.chaos $(CHAOS_ARGS)
+	$(SERVICE_ENV) PYTHONPATH=examples $(PY) -m bank_transfer.chaos $(CHAOS_ARGS)
 
 # The project's benchmark: one table, bench.json, and a last line starting BENCH.
 # Every figure is a ratio against a baseline measured in the same run. QUICK=1 is the
@@ -73,7 +83,7 @@ bench: $(STAMP) services
 
 # The databases and Redis first (one apt run installs every Debian package), then
 # the brokers side by side (each JVM takes a while to come up).
-BROKERS := rocketmq4 rocketmq kafka
+BROKERS := rocketmq4 rocketmq kafka nats rabbitmq
 services:
 	scripts/services up
 	pids=""; for b in $(BROKERS); do scripts/$$b up & pids="$$pids $$!:$$b"; done; rc=0; \
@@ -86,7 +96,8 @@ services-down:
 
 # The shell lines that point the tests at every service.
 SERVICE_ENV := eval "$$(scripts/services env)"; eval "$$(scripts/rocketmq4 env)"; \
-	  eval "$$(scripts/kafka env)"; \
+	  eval "$$(scripts/kafka env)"; eval "$$(scripts/nats env)"; \
+	  eval "$$(scripts/rabbitmq env)"; \
 	  export OUTBOX_TEST_ROCKETMQ_ENDPOINTS=$(RMQ_ENDPOINTS) OUTBOX_TEST_ROCKETMQ_NAMESRV=$(RMQ_NAMESRV);
 
 lint: $(STAMP)

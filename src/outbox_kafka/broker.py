@@ -128,7 +128,9 @@ class Options:
         if timeout <= 0:
             raise ConfigurationError("timeout must be positive (seconds)")
         self.where = masked(url)
-        self.base = {**parse_url(url), **(config or {})}
+        # Back on a restarted broker within a second (librdkafka's default backoff
+        # grows to 10 s, as long as a group member's session on the test broker).
+        self.base = {"reconnect.backoff.max.ms": 1000, **parse_url(url), **(config or {})}
         self.prefix = prefix
         self.partitions = partitions
         self.replication_factor = replication_factor

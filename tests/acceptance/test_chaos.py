@@ -90,3 +90,25 @@ def test_chaos_half_messages_on_rocketmq4(rocketmq4_namesrv: str, tmp_path: Path
     hostile = re.search(r"^hostile +sqlite +rocketmq4 +12 +\d+ +0 +0 +0 +0 .*$", output,
                         re.MULTILINE)
     assert hostile and "refused" not in hostile.group(0), output
+
+
+@pytest.mark.kafka
+@pytest.mark.redis
+@pytest.mark.nats
+@pytest.mark.rabbitmq
+def test_chaos_on_the_brokers_reached_by_url(kafka_url: str, redis_url: str, nats_url: str,
+                                             rabbitmq_url: str, tmp_path: Path) -> None:
+    """bank2 killed before its acknowledgement and hostile messages written with each
+    broker's own client, on Kafka, Redis Streams, NATS JetStream and RabbitMQ
+    (--transport broker)."""
+    env = {**os.environ, "OUTBOX_TEST_KAFKA_URL": kafka_url, "OUTBOX_TEST_REDIS_URL": redis_url,
+           "OUTBOX_TEST_NATS_URL": nats_url, "OUTBOX_TEST_RABBITMQ_URL": rabbitmq_url}
+    adapters = ("kafka", "redis", "nats", "rabbitmq")
+    output = run_chaos(tmp_path / "chaos", env, "--databases", "sqlite",
+                       "--adapters", ",".join(adapters), "--scenarios", "bank2-kill,hostile")
+    for adapter in adapters:
+        hostile = re.search(rf"^hostile +sqlite +{adapter} +12 +(\d+) +0 +0 +0 +0 ", output,
+                            re.MULTILINE)
+        # 23 cases (all but the one without an id) reached the topic or were refused
+        # at the door; each was dead-lettered with its reason (else: stuck).
+        assert hostile and int(hostile.group(1)) >= 23, output

@@ -32,6 +32,7 @@ from .matrix import (
     ADAPTERS,
     DATABASES,
     SCENARIOS,
+    URL_ADAPTERS,
     broker,
     ensure_databases,
     place,
@@ -167,16 +168,20 @@ def main(argv: list[str] | None = None) -> int:
             servers[name] = url
     settings = Settings(args.transfers, args.threads, args.settle_timeout, args.load_timeout,
                         args.outage_seconds, args.rocketmq_endpoints, args.rocketmq_namesrv)
-    # One dead-letter reader per broker in use, by broker (rocketmq, rocketmq4).
-    dlqs: dict[str, hostile.DeadLetterReader] = {}
+    settings.urls = {a: os.environ[v] for a, v in URL_ADAPTERS.items() if os.environ.get(v)}
+    # One dead-letter reader per broker in use, by broker (rocketmq, rocketmq4, ...).
+    dlqs: dict[str, hostile.DeadLetters] = {}
     rows: list[Row] = []
     began = time.monotonic()
     try:
         for adapter in args.adapters:
             where = broker(adapter)
             if where is not None and where not in dlqs:
-                dlqs[where] = hostile.DeadLetterReader(settings.broker_config(adapter),
-                                                       f"chaos-dlq-{token}")
+                dlqs[where] = (
+                    hostile.BrokerDeadLetters(settings.url(adapter), group)
+                    if adapter in URL_ADAPTERS else
+                    hostile.DeadLetterReader(settings.broker_config(adapter),
+                                             f"chaos-dlq-{token}"))
                 dlqs[where].ready()
         for number, (database, adapter, name) in enumerate(
                 runs(args, servers, workdir), start=1):

@@ -3,8 +3,10 @@
 Each must end dead-lettered with a reason that names what is wrong (the keyword
 below), and change no balance. On the SQL transport they are rows put with
 ``SqlTransport.put_raw``; on RocketMQ 5, sends of a raw client producer (gRPC); on
-RocketMQ 4.9, sends of a bare remoting client (``RemotingClient.send``). Every one
-carries its case in property ``CHAOS_CASE`` (copied onto a RocketMQ dead letter),
+RocketMQ 4.9, sends of a bare remoting client (``RemotingClient.send``); on the
+brokers reached by URL, records or entries written with the broker's own client,
+in the adapter's format where the case has the field. Every one carries its case in
+property or header ``CHAOS_CASE`` (copied onto a dead letter),
 and, where it has one, an id starting with the scenario's prefix so that bank2's
 run filter passes it on.
 """
@@ -18,7 +20,8 @@ from typing import Any
 
 from sqlalchemy.exc import DataError, IntegrityError
 
-from outbox import SqlTransport
+from outbox import Delivery, SqlTransport
+from outbox.brokers import open_broker, scheme_of
 from outbox.codec import DEFAULT_MAX_PAYLOAD_BYTES
 from outbox_rocketmq import RocketMQConfig, RocketMQSubscriber
 from outbox_rocketmq._client import client_configuration, rocketmq
@@ -212,3 +215,158 @@ class DeadLetterReader:
 
     def close(self) -> None:
         self.subscriber.close()
+
+
+def put_native(url: str, items: list[Case], prefix: str) -> dict[str, str]:
+    """The cases onto the topic of the broker at ``url``, written with its own client
+    (Kafka records, Redis stream entries), bypassing the adapter's publisher."""
+    items = [case for case in items if case.name not in NOT_ON_ROCKETMQ]
+    broker = open_broker(url)
+    refused: dict[str, str] = {}
+    try:
+        scheme = scheme_of(url)
+        if scheme == "kafka":
+            _put_kafka(broker, items, prefix, refused)
+        elif scheme in ("redis", "rediss"):
+            _put_redis(broker, items, prefix, refused)
+        elif scheme in ("nats", "tls"):
+            _put_nats(url, broker, items, prefix, refused)
+        elif scheme in ("amqp", "amqps"):
+            _put_amqp(url, broker, items, prefix, refused)
+        else:
+            raise RuntimeError(f"no raw writer for {scheme}:// brokers")
+    finally:
+        broker.close()
+    return refused
+
+
+def _put_kafka(broker: Any, items: list[Case], prefix: str, refused: dict[str, str]) -> None:
+    from confluent_kafka import Producer
+
+    from outbox_kafka.mapping import ID_HEADER, topic_name
+
+    name = topic_name(broker.options.prefix, TOPIC)
+    broker.options.ensure_topics([name])
+    producer = Producer(broker.options.base)
+    for case in items:
+        headers: list[tuple[str, str | bytes | None]] = [
+            (CASE_PROPERTY, f"{prefix}:{case.name}".encode())]
+        if case.message_id is not None:
+            headers.append((ID_HEADER, case.message_id.encode()))
+
+        def receipt(error: Any, _record: Any, name: str = case.name) -> None:
+            if error is not None:
+                refused[name] = f"KafkaError: {error.str()[:120]}"
+        try:
+            producer.produce(name, value=case.payload, headers=headers, on_delivery=receipt)
+        except Exception as exc:  # refused by the client (too large, say)
+            refused[case.name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    producer.flush(30)
+
+
+def _put_redis(broker: Any, items: list[Case], prefix: str, refused: dict[str, str]) -> None:
+    from outbox_redis.mapping import HEADER_PREFIX, ID, PAYLOAD, stream_key
+
+    key = stream_key(broker.options.prefix, TOPIC)
+    for case in items:
+        fields = {PAYLOAD: case.payload,
+                  HEADER_PREFIX + CASE_PROPERTY.encode(): f"{prefix}:{case.name}".encode()}
+        if case.message_id is not None:
+            fields[ID] = case.message_id.encode()
+        try:
+            broker.client.xadd(key, fields)
+        except Exception as exc:
+            refused[case.name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _put_nats(url: str, broker: Any, items: list[Case], prefix: str,
+              refused: dict[str, str]) -> None:
+    import asyncio
+
+    import nats
+
+    from outbox_nats.mapping import MSG_ID, check_subject
+
+    subject = check_subject(broker.options.prefix, TOPIC)
+
+    async def put() -> None:
+        client = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+        try:
+            stream = client.jetstream()
+            for case in items:
+                headers = {CASE_PROPERTY: f"{prefix}:{case.name}"}
+                if case.message_id is not None:
+                    headers[MSG_ID] = case.message_id
+                try:
+                    await stream.publish(subject, case.payload, headers=headers, timeout=10)
+                except Exception as exc:  # too large for the server, say
+                    refused[case.name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            await client.close()
+
+    asyncio.run(put())
+
+
+def _put_amqp(url: str, broker: Any, items: list[Case], prefix: str,
+              refused: dict[str, str]) -> None:
+    import pika
+
+    from outbox_rabbitmq.mapping import exchange_name
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for case in items:
+            properties = pika.BasicProperties(
+                message_id=case.message_id, delivery_mode=2,
+                headers={CASE_PROPERTY: f"{prefix}:{case.name}"})
+            try:
+                channel.basic_publish(exchange_name(broker.options.prefix), TOPIC,
+                                      case.payload, properties, mandatory=True)
+            except Exception as exc:  # unroutable or refused by the server
+                refused[case.name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    finally:
+        connection.close()
+
+
+class BrokerDeadLetters:
+    """The dead letters of the topic on a broker reached by URL, as the adapter lists
+    them (``dead_letters(topic, group)``), read afresh on each poll."""
+
+    def __init__(self, url: str, group: str) -> None:
+        self.broker: Any = open_broker(url)
+        self.group = group
+        self.seen: dict[str, tuple[str, str]] = {}
+
+    def ready(self) -> None:
+        self.poll()
+
+    def poll(self) -> None:
+        for item in self.broker.dead_letters(TOPIC, self.group):
+            case, reason = _case_and_reason(item)
+            if case:
+                self.seen[case] = (self.group, reason)
+
+    def reasons(self, prefix: str, group: str) -> dict[str, str]:
+        return {name: reason for key, (dead_group, reason) in self.seen.items()
+                for scenario, _, name in [key.partition(":")]
+                if scenario == prefix and dead_group == group}
+
+    def close(self) -> None:
+        self.broker.close()
+
+
+def _case_and_reason(item: Any) -> tuple[str, str]:
+    """(CHAOS_CASE, reason) of one dead letter: a Delivery (Kafka: headers), a record
+    with its own ``reason`` (NATS) or, from Redis, the entry's fields."""
+    if isinstance(item, Delivery):
+        return item.headers.get(CASE_PROPERTY, ""), item.headers.get(REASON_HEADER, "")
+    if hasattr(item, "headers") and hasattr(item, "reason"):
+        return item.headers.get(CASE_PROPERTY, ""), item.reason or ""
+    fields = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in item.items()}
+    return fields.get(f"h:{CASE_PROPERTY}", ""), fields.get("dead-reason", "")
+
+
+#: Either reader of dead letters.
+DeadLetters = DeadLetterReader | BrokerDeadLetters

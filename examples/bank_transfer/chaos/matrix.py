@@ -16,11 +16,23 @@ DATABASES = ("sqlite", "postgres", "mariadb")
 #: RocketMQ 5 (normal sends, through the gRPC proxy); rocketmq: half messages (outbox
 #: fallback + relay) on RocketMQ 5; outbox-rocketmq4 and rocketmq4: the same two on a
 #: RocketMQ 4.9 broker, over the remoting protocol (name server, no proxy).
-ADAPTERS = ("sql", "outbox-rocketmq", "rocketmq", "outbox-rocketmq4", "rocketmq4")
-#: The broker each RocketMQ adapter runs on, named as its script (scripts/rocketmq,
-#: scripts/rocketmq4), which also stops and starts it for the outage.
+#: kafka, redis, nats, rabbitmq: local outbox + relay -> that broker, reached by its URL
+#: (--transport broker; the URL from OUTBOX_TEST_<BROKER>_URL, as the broker's script
+#: prints it).
+ADAPTERS = ("sql", "outbox-rocketmq", "rocketmq", "outbox-rocketmq4", "rocketmq4",
+            "kafka", "redis", "nats", "rabbitmq")
+#: The adapters reached by URL, and the variable that holds it.
+URL_ADAPTERS = {"kafka": "OUTBOX_TEST_KAFKA_URL", "redis": "OUTBOX_TEST_REDIS_URL",
+                "nats": "OUTBOX_TEST_NATS_URL", "rabbitmq": "OUTBOX_TEST_RABBITMQ_URL"}
+#: The broker each adapter runs on, named as its script (scripts/rocketmq,
+#: scripts/rocketmq4, scripts/kafka; Redis is scripts/services' redis), which also
+#: stops and starts it for the outage.
 BROKERS = {"outbox-rocketmq": "rocketmq", "rocketmq": "rocketmq",
-           "outbox-rocketmq4": "rocketmq4", "rocketmq4": "rocketmq4"}
+           "outbox-rocketmq4": "rocketmq4", "rocketmq4": "rocketmq4",
+           "kafka": "kafka", "redis": "redis", "nats": "nats",
+           "rabbitmq": "rabbitmq"}
+#: The brokers with a script of their own (the others are targets of scripts/services).
+BROKER_SCRIPTS = ("rocketmq", "rocketmq4", "kafka", "nats", "rabbitmq")
 #: The adapters sending transactional half messages.
 HALF_MESSAGES = ("rocketmq", "rocketmq4")
 SERVER_ENV = {"postgres": "OUTBOX_TEST_POSTGRES_URL", "mariadb": "OUTBOX_TEST_MARIADB_URL"}
@@ -79,7 +91,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 
 
 def broker(adapter: str) -> str | None:
-    """rocketmq (5.x), rocketmq4 (4.9), or None for the SQL transport."""
+    """rocketmq (5.x), rocketmq4 (4.9), kafka, redis, or None for the SQL transport."""
     return BROKERS.get(adapter)
 
 

@@ -23,7 +23,16 @@ from ..setup import setup, setup_transport
 from ..transports import rocketmq_config
 from . import hostile
 from .driver import Outcome, drive, plan
-from .matrix import BROKER_OUTAGE, DB_RESTART, HALF_MESSAGES, Placement, Scenario, broker
+from .matrix import (
+    BROKER_OUTAGE,
+    BROKER_SCRIPTS,
+    DB_RESTART,
+    HALF_MESSAGES,
+    URL_ADAPTERS,
+    Placement,
+    Scenario,
+    broker,
+)
 from .supervisor import Service, Supervisor
 from .verify import Verdict, audit, in_flight
 
@@ -43,9 +52,18 @@ class Settings:
     outage_seconds: float
     endpoints: str  # the RocketMQ 5 gRPC proxy
     namesrv: str  # the RocketMQ 4.9 name server
+    urls: dict[str, str] = field(default_factory=dict)  # adapter -> URL (URL_ADAPTERS)
+
+    def url(self, adapter: str) -> str:
+        if adapter not in self.urls:
+            raise RuntimeError(f"no URL for the {adapter} broker: set "
+                               f"{URL_ADAPTERS[adapter]} (scripts/{broker(adapter)} env)")
+        return self.urls[adapter]
 
     def broker_args(self, adapter: str) -> list[str]:
         """The services' options to reach the broker of ``adapter``."""
+        if adapter in URL_ADAPTERS:
+            return ["--transport", "broker", "--broker", self.url(adapter)]
         args = ["--transport", "rocketmq", "--rocketmq-endpoints", self.endpoints]
         if broker(adapter) == "rocketmq4":
             args += ["--rocketmq-namesrv", self.namesrv]
@@ -82,7 +100,7 @@ class Disruption:
     """Stop the broker or a database server; ``restore`` always starts it again."""
 
     def __init__(self, kind: str, target: str) -> None:
-        # target: rocketmq (5.x), rocketmq4 (4.9), postgres or mariadb
+        # target: rocketmq (5.x), rocketmq4 (4.9), kafka, redis, postgres or mariadb
         self.kind, self.target = kind, target
         self.stopped = False
         self.took: dict[str, float] = {}  # "down"/"up" -> seconds the script took
@@ -102,7 +120,7 @@ class Disruption:
 
     @property
     def broker(self) -> bool:
-        return self.target in ("rocketmq", "rocketmq4")
+        return self.target in BROKER_SCRIPTS
 
     def stop(self) -> None:
         self.stopped = True
@@ -165,7 +183,7 @@ def _wait_ready(supervisor: Supervisor, base: str, report: Path | None, timeout:
 
 def run_scenario(row: Row, scenario: Scenario, placement: Placement, folder: Path, seed: int,
                  settings: Settings, group: str, run_id: str,
-                 dlq: hostile.DeadLetterReader | None) -> None:
+                 dlq: hostile.DeadLetters | None) -> None:
     """Run it and fill in ``row``. Services and disruptions are undone on the way out."""
     rng = random.Random(seed)
     bank1, bank2 = create_engine(placement.urls["bank1"]), create_engine(placement.urls["bank2"])
@@ -213,6 +231,8 @@ def run_scenario(row: Row, scenario: Scenario, placement: Placement, folder: Pat
             if cases:
                 if transport is not None:
                     refused = hostile.put_sql(transport, cases, run_id)
+                elif row.adapter in URL_ADAPTERS:
+                    refused = hostile.put_native(settings.url(row.adapter), cases, run_id)
                 else:
                     refused = hostile.put_rocketmq(settings.broker_config(row.adapter),
                                                    cases, run_id)
@@ -256,7 +276,7 @@ def run_scenario(row: Row, scenario: Scenario, placement: Placement, folder: Pat
 def _settle(row: Row, bank1: Engine, bank2: Engine, transport: SqlTransport | None,
             settings: Settings, cases: list[hostile.Case], expected: dict[str, str],
             refused: dict[str, str], group: str, run_id: str,
-            dlq: hostile.DeadLetterReader | None, kills_bank1: int) -> dict[str, str]:
+            dlq: hostile.DeadLetters | None, kills_bank1: int) -> dict[str, str]:
     """Wait (bounded) until nothing is in flight; returns the hostile cases' reasons."""
     began = time.monotonic()
     # An orphan half message of a transfer that never committed resolves only after

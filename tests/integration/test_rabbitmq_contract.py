@@ -1,0 +1,112 @@
+"""The shipped transport contract on RabbitMQ, sync and asyncio."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from outbox.testing.contract import (
+    Features,
+    LoopThread,
+    SyncPublisher,
+    SyncSubscriber,
+    TransportContract,
+)
+from outbox.typing import Publisher, Subscriber
+from outbox_rabbitmq import RabbitMQBroker
+
+pytestmark = pytest.mark.rabbitmq
+
+FEATURES = Features(
+    shared_between_processes=True,
+    # No visibility timeout in RabbitMQ: an unacknowledged delivery comes back when the
+    # channel that received it closes (close, crash, lost connection), not after a time.
+    redelivers_after_visibility_timeout=False,
+    # Encoded whole before anything is sent; a batch RabbitMQ fails part-way raises,
+    # and the relay's resend makes duplicates the consumer drops.
+    batch_publish=True, ordered=True, ordered_per_key=True,
+    redelivery=True, dead_letter=True, counts_deliveries=True,
+    # A group's queue holds only what was published after it was declared.
+    late_groups_see_earlier_messages=False,
+    exclusive_within_group=True,
+)
+
+
+class RabbitMQUnderTest:
+    """A broker whose exchanges and queues are this test's alone (a unique prefix),
+    all deleted at the end."""
+
+    features = FEATURES
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.prefix = f"outbox-test-{uuid.uuid4().hex[:10]}"
+        self.broker = RabbitMQBroker(url, prefix=self.prefix)
+
+    def publisher(self) -> Publisher:
+        return self.broker.publisher()
+
+    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
+                   ) -> Subscriber:
+        return self.broker.subscriber(topic, group, visibility_timeout=visibility_timeout)
+
+    def dead_letters(self, topic: str, group: str) -> list[tuple[str | None, str | None]]:
+        return [(d.message_id, d.reason) for d in self.broker.dead_letters(topic, group)]
+
+    def publish_from_another_process(self, topic: str, ids: Sequence[str]) -> None:
+        code = textwrap.dedent("""
+            import sys
+            import outbox
+            from outbox.brokers import open_broker
+            url, prefix, topic, *ids = sys.argv[1:]
+            broker = open_broker(url, prefix=prefix)
+            publisher = broker.publisher()
+            for i in ids:
+                publisher.publish(outbox.Message(topic=topic, id=i, payload=i.encode()))
+            broker.close()
+        """)
+        subprocess.run([sys.executable, "-c", code, self.url, self.prefix, topic, *ids],
+                       check=True, timeout=60, capture_output=True)
+
+    def close(self) -> None:
+        self.broker.close()
+        self.broker.delete_declared()
+        self.broker.close()
+
+
+class AsyncRabbitMQUnderTest(RabbitMQUnderTest):
+    """The asyncio publisher and subscribers, driven from a private loop."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.loop = LoopThread()
+
+    def publisher(self) -> Publisher:
+        return SyncPublisher(self.broker.async_publisher(), self.loop)
+
+    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
+                   ) -> Subscriber:
+        return SyncSubscriber(self.broker.async_subscriber(
+            topic, group, visibility_timeout=visibility_timeout), self.loop)
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self.broker.aclose())
+            super().close()
+        finally:
+            self.loop.close()
+
+
+class TestRabbitMQ(TransportContract):
+    @pytest.fixture(params=["sync", "async"])
+    def contract_transport(self, request: pytest.FixtureRequest, rabbitmq_url: str
+                           ) -> Iterator[RabbitMQUnderTest]:
+        under = RabbitMQUnderTest(rabbitmq_url) if request.param == "sync" else \
+            AsyncRabbitMQUnderTest(rabbitmq_url)
+        yield under
+        under.close()
