@@ -89,6 +89,12 @@ def to_rocketmq(message: Message, *, message_group: str | None = None,
                 delivery_timestamp: int | None = None) -> Any:
     """The client's message for ``message``; with a FIFO ``message_group``, or a
     ``delivery_timestamp`` (whole seconds since the epoch, what the client sends)."""
+    if not message.payload:
+        # The 5.x client refuses it itself ("body should not be blank").
+        raise PublishError(
+            f"message {message.id!r} has an empty payload, which the RocketMQ 5 client "
+            "refuses; give it at least one byte (b'{}', say), or publish it over the "
+            "remoting protocol (RocketMQConfig(namesrv=...)), which carries it")
     rmq = rocketmq()
     out = rmq.Message()
     out.topic = message.topic

@@ -23,13 +23,15 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from outbox.errors import ConfigurationError, OutboxError
+from outbox.errors import ConfigurationError, OutboxError, PublishError
 from outbox.message import Message
 
 from ._aio import BlockingCalls
 from ._client import client_configuration, for_topic, rocketmq, shutdown_quietly, wrap_error
 from .config import RocketMQConfig
 from .halfsend import BatchPart, RemotingPlainSender
+from .mapping import properties_of
+from .remoting.protocol import encode_properties
 
 #: Attempts the client makes for one send before its future fails (its default).
 CLIENT_SEND_ATTEMPTS = 3
@@ -158,6 +160,21 @@ class RocketMQPublisher:
                 self._producer = producer
             return self._producer
 
+    @staticmethod
+    def _check(messages: Sequence[Message]) -> None:
+        """Refuse a batch holding something that is not a sendable message (a row
+        decoded wrongly, say) before any of it is sent."""
+        for message in messages:
+            try:
+                if not isinstance(message.payload, bytes | bytearray):
+                    raise TypeError(f"its payload is {type(message.payload).__name__}, "
+                                    "not bytes")
+                encode_properties(properties_of(message))
+            except (AttributeError, TypeError, ValueError, UnicodeError) as exc:
+                raise PublishError(f"message {getattr(message, 'id', None)!r} cannot be sent "
+                                   f"to RocketMQ: {exc}; nothing of the batch was sent"
+                                   ) from None
+
     def _outgoing(self, message: Message) -> Any:
         """The client's message for ``message``; refuses a topic not named at start.
 
@@ -195,6 +212,7 @@ class RocketMQPublisher:
         message of the batch is sent. On 4.x: batch requests, see the module."""
         if not messages:
             return
+        self._check(messages)
         outgoing = [(m, self._outgoing(m)) for m in messages]
         try:
             producer = self._started()
@@ -310,6 +328,7 @@ class AsyncRocketMQPublisher:
         if not messages:
             return
         sync = self._sync
+        sync._check(messages)
         outgoing = await self._calls.run(  # may start the client, read a route
             lambda: [(m, sync._outgoing(m)) for m in messages])
         try:

@@ -66,8 +66,10 @@ class RocketMQSubscriber:
     ``orderly=True`` there only checks, at the first fetch, that the topic is FIFO.
     """
 
-    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
-    counts_deliveries = True
+    #: Through the 5.x proxy Delivery.attempt is the broker's own count of deliveries
+    #: (outbox.typing.CountsDeliveries); on 4.x it is not (see RemotingSubscriber), and
+    #: the consumer counts failed attempts in its own database.
+    counts_deliveries: bool = True
 
     def __init__(
         self,
@@ -99,6 +101,7 @@ class RocketMQSubscriber:
             message_id_from=self.message_id_from, request_timeout=config.request_timeout,
             orderly=orderly,
         ) if config.namesrv is not None else None
+        self.counts_deliveries = self._remoting is None
         self._consumer: Any = None
         #: Whether the topic is a 5.x FIFO topic (read from the route at start).
         self._fifo = False
@@ -277,8 +280,7 @@ class AsyncRocketMQSubscriber:
     small pool of ``workers`` threads. A cancelled fetch loses nothing: what it had
     received becomes visible again after ``invisible_seconds``."""
 
-    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
-    counts_deliveries = True
+    counts_deliveries: bool = True  # as the sync subscriber's: see __init__
 
     def __init__(
         self,
@@ -296,6 +298,7 @@ class AsyncRocketMQSubscriber:
                                         invisible_seconds=invisible_seconds,
                                         message_id_from=message_id_from, orderly=orderly)
         self._calls = BlockingCalls("outbox-rocketmq-subscriber", workers)
+        self.counts_deliveries = self._sync.counts_deliveries
 
     @property
     def topic(self) -> str:

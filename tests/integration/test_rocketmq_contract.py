@@ -71,9 +71,10 @@ FEATURES_5 = Features(
     # it ~3 s later, handed out when the receive's long poll ends; timescale 4 gives
     # the test's wait room for all of that.
     redelivers_after_visibility_timeout=True,
-    # publish_batch sends the messages concurrently: after a failure the ones that
-    # went out stay stored (the relay then sends its rows again one by one).
-    batch_publish=False,
+    # A batch is checked whole before anything is sent (a broken message refuses it);
+    # a broker failure part-way leaves what went out stored, and the relay sends the
+    # rest again (the inbox drops the copies).
+    batch_publish=True,
     # A topic's queues (8 here) are popped side by side.
     ordered=False,
     # A plain (NORMAL/MIXED) topic spreads a key's messages over its queues; per-key
@@ -87,6 +88,9 @@ FEATURES_5 = Features(
     dead_letter=True,
     # Delivery.attempt is the broker's delivery attempt, kept across consumers.
     counts_deliveries=True,
+    # The 5.x client refuses an empty body: publish raises PublishError saying what
+    # to do, before anything is sent.
+    empty_payload=False,
     # A new group starts at the end of each queue (the proxy's ConsumeInitMode.MAX),
     # unless the queue's first message is still in the broker's memory: what a late
     # group gets depends on the page cache. Here it starts at the queues' ends when
@@ -108,10 +112,10 @@ FEATURES_4 = Features(
     # until it acks or retries it, or leaves the group (then the queue's next owner
     # starts at the committed offset: test_an_unacknowledged_delivery_comes_back...).
     redelivers_after_visibility_timeout=False,
-    # One SEND_BATCH_MESSAGE per queue, sent concurrently: each is stored whole or not
-    # at all, but a batch over several queues can be stored in part (the contract's
-    # batch test fails: a batch with a broken message raises, and b-1, b-2 arrive).
-    batch_publish=False,
+    # Checked whole before anything is sent, then one SEND_BATCH_MESSAGE per queue:
+    # each is stored whole or not at all; a broker failure part-way leaves some queues'
+    # parts stored, and the relay sends the batch again (the inbox drops the copies).
+    batch_publish=True,
     # A topic's queues (4 here) are pulled side by side.
     ordered=False,
     # A key's messages go to its hash's queue, which one member hands out in order.
@@ -123,8 +127,8 @@ FEATURES_4 = Features(
     dead_letter=True,
     # NOT the broker's count of deliveries: its reconsume count grows only with a
     # retry (send-back); a message handed out again after its member left the group
-    # comes back with attempt 1, although the subscriber declares counts_deliveries
-    # (an adapter bug: the contract's attempt == 2 check fails with it declared).
+    # comes back with attempt 1. The subscriber does not declare it, and the consumer
+    # counts in its database.
     counts_deliveries=False,
     # The adapter starts a group the broker has no offsets for at each queue's
     # beginning (here: where the queues stood when the test began, so that only this
@@ -394,13 +398,6 @@ class AsyncRocketMQ4UnderTest(RocketMQ4UnderTest, AsyncRocketMQUnderTest):
     """The asyncio publisher and subscribers on 4.x."""
 
 
-EMPTY_PAYLOAD_BUG = (
-    "adapter bug: on 5.x a message with an empty payload cannot be published: "
-    "rocketmq-python-client's Message.body setter raises IllegalArgumentException('body "
-    "should not be blank.'), which escapes publish() unwrapped (to_rocketmq runs outside "
-    "its try); expected: delivered with payload b'' (or at least a PublishError)")
-
-
 class TestRocketMQ(TransportContract):
     @pytest.fixture(params=[
         pytest.param("5-sync", marks=pytest.mark.rocketmq),
@@ -416,8 +413,6 @@ class TestRocketMQ(TransportContract):
             namesrv = request.getfixturevalue("rocketmq5_namesrv")
             under = (RocketMQUnderTest if form == "5-sync" else AsyncRocketMQUnderTest)(
                 config, namesrv)
-            if request.node.originalname == "test_optional_fields_may_be_absent":
-                request.applymarker(pytest.mark.xfail(strict=True, reason=EMPTY_PAYLOAD_BUG))
         else:
             namesrv = request.getfixturevalue("rocketmq4_namesrv")
             config = RocketMQConfig(namesrv=namesrv)

@@ -72,6 +72,9 @@ class Features:
     late_groups_see_earlier_messages: bool = True
     #: Subscribers of one group never get the same message (none acknowledged twice).
     exclusive_within_group: bool = True
+    #: A message with an empty payload is carried (else ``publish`` refuses it with
+    #: PublishError, before anything is sent).
+    empty_payload: bool = True
     #: Waits and timeouts of the tests are multiplied by this (slow brokers: > 1).
     timescale: float = 1.0
 
@@ -265,10 +268,20 @@ class TransportContract:
     def test_optional_fields_may_be_absent(self, contract_transport: Under) -> None:
         under = contract_transport
         sub = under.subscriber("contract", "g")
-        under.publisher().publish(message(id="bare", payload=b""))
+        under.publisher().publish(message(id="bare", payload=b"{}"))
         d = self.fetch_one(under, sub)
         assert (d.message_id, d.key, d.tag, dict(d.headers), d.payload) == (
-            "bare", None, None, {}, b"")
+            "bare", None, None, {}, b"{}")
+
+    def test_an_empty_payload_is_carried(self, contract_transport: Under) -> None:
+        under = contract_transport
+        sub = under.subscriber("contract", "g")
+        if not under.features.empty_payload:
+            with pytest.raises(PublishError):  # refused, with what to do: never dropped
+                under.publisher().publish(message(id="empty", payload=b""))
+            return
+        under.publisher().publish(message(id="empty", payload=b""))
+        assert self.fetch_one(under, sub).payload == b""
 
     def test_only_the_subscribed_topic_is_delivered(self, contract_transport: Under) -> None:
         under = contract_transport

@@ -155,8 +155,11 @@ class RemotingSubscriber:
     one when its config names a name server. ``orderly``: per-key order (see the
     module's description)."""
 
-    #: Delivery.attempt is the broker's own count (outbox.typing.CountsDeliveries).
-    counts_deliveries = True
+    #: Delivery.attempt is one more than the broker's reconsume count, which grows
+    #: only with a send-back (retry), not when a message comes again after its member
+    #: left the group or crashed: not a count of deliveries, so the consumer counts
+    #: failed attempts in its own database (outbox.typing.CountsDeliveries).
+    counts_deliveries = False
 
     def __init__(self, namesrv: str, topic: str, group: str, *, dead_letter_topic: str,
                  message_id_from: MessageIdFrom | None = None, request_timeout: float = 5.0,
