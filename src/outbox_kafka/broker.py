@@ -41,6 +41,7 @@ create them (no rights) needs them made beforehand.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 import uuid
@@ -183,8 +184,27 @@ class Options:
                     raise self.wrap(f"creating topic {name!r}", exc) from exc
                 except TimeoutError as exc:
                     raise self.unavailable(f"creating topic {name!r}", "no answer") from exc
+            self._wait_for_leaders(missing)
         with self._lock:
             self._known.update(missing)
+
+    def _wait_for_leaders(self, names: Sequence[str]) -> None:
+        """Until every partition of ``names`` has a leader: a topic just created has
+        none for a moment, and reading its offsets then fails (NOT_LEADER)."""
+        deadline = time.monotonic() + self.timeout
+        for name in names:
+            while True:
+                try:
+                    meta = self.admin().list_topics(name, timeout=self.timeout).topics.get(name)
+                except KafkaException as exc:
+                    raise self.wrap(f"reading the metadata of topic {name!r}", exc) from exc
+                if meta is not None and meta.error is None and meta.partitions and all(
+                        p.leader >= 0 for p in meta.partitions.values()):
+                    break
+                if time.monotonic() >= deadline:
+                    raise self.unavailable(f"waiting for the leaders of topic {name!r}",
+                                           "none elected yet")
+                time.sleep(0.05)
 
     def close(self) -> None:
         self._admin = None
@@ -459,16 +479,20 @@ class AsyncKafkaPublisher:
 
 
 class AsyncKafkaSubscriber:
-    """:class:`KafkaSubscriber` for asyncio: one worker thread at a time polls, so the
-    event loop never blocks."""
+    """:class:`KafkaSubscriber` for asyncio: its calls run, one at a time, on a
+    thread of its own (always the same one, as a sync consumer's), so the event loop
+    never blocks."""
 
     def __init__(self, options: Options, topic: str, group: str, **kwargs: Any) -> None:
         self.sync = KafkaSubscriber(options, topic, group, **kwargs)
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"outbox-kafka-{group}")
         self._calls = asyncio.Lock()
+        self._closed = False
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        async with self._calls:  # a Consumer is used from one thread at a time
-            return await asyncio.to_thread(fn, *args)
+        async with self._calls:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def fetch(self, max_messages: int, wait_seconds: float) -> Sequence[Delivery]:
         found: Sequence[Delivery] = await self._run(self.sync.fetch, max_messages,
@@ -482,7 +506,13 @@ class AsyncKafkaSubscriber:
         await self._run(self.sync.dead_letter, delivery, reason)
 
     async def close(self) -> None:
-        await self._run(self.sync.close)
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._run(self.sync.close)
+        finally:
+            self._thread.shutdown(wait=False)
 
 
 class KafkaBroker:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -12,13 +9,12 @@ import pytest
 
 from outbox.testing.contract import (
     Features,
-    LoopThread,
-    SyncPublisher,
-    SyncSubscriber,
     TransportContract,
 )
 from outbox.typing import Publisher, Subscriber
 from outbox_kafka import KafkaBroker
+
+from .broker_support import AsyncForms, publish_from_another_process
 
 pytestmark = pytest.mark.kafka
 
@@ -62,20 +58,7 @@ class KafkaUnderTest:
                 for d in self.broker.dead_letters(topic, group)]
 
     def publish_from_another_process(self, topic: str, ids: Sequence[str]) -> None:
-        code = textwrap.dedent("""
-            import sys
-            import outbox
-            from outbox.brokers import open_broker
-            url, prefix, topic, *ids = sys.argv[1:]
-            broker = open_broker(url, prefix=prefix)
-            publisher = broker.publisher()
-            publisher.publish_batch(
-                [outbox.Message(topic=topic, id=i, payload=i.encode()) for i in ids])
-            publisher.close()
-            broker.close()
-        """)
-        subprocess.run([sys.executable, "-c", code, self.url, self.prefix, topic, *ids],
-                       check=True, timeout=60, capture_output=True)
+        publish_from_another_process(self.url, self.prefix, topic, ids)
 
     def close(self) -> None:
         for sub in self.subscribers:
@@ -88,28 +71,14 @@ class KafkaUnderTest:
         self.broker.close()
 
 
-class AsyncKafkaUnderTest(KafkaUnderTest):
+class AsyncKafkaUnderTest(AsyncForms, KafkaUnderTest):
     """The asyncio publisher and subscribers, driven from a private loop."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.loop = LoopThread()
-
-    def publisher(self) -> Publisher:
-        return SyncPublisher(self.broker.async_publisher(), self.loop)
 
     def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
                    ) -> Subscriber:
-        sub = SyncSubscriber(self.broker.async_subscriber(
-            topic, group, visibility_timeout=visibility_timeout), self.loop)
+        sub = super().subscriber(topic, group, visibility_timeout=visibility_timeout)
         self.subscribers.append(sub)
         return sub
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self.loop.close()
 
 
 class TestKafka(TransportContract):

@@ -15,13 +15,16 @@ from confluent_kafka import Consumer, Producer
 from sqlalchemy import Engine, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import ConsumerConfig, IdempotentConsumer, JsonCodec, Message
+from outbox import ConsumerConfig, IdempotentConsumer, Message
 from outbox.aio import AsyncIdempotentConsumer
 from outbox.brokers import open_broker
 from outbox.errors import BrokerUnavailableError, PublishError
 from outbox.schema import inbox
+from outbox.testing import broken_message
 from outbox.typing import Abilities
 from outbox_kafka import KafkaBroker
+
+from .broker_support import Flaky, publish_three
 
 pytestmark = pytest.mark.kafka
 CONFIG = ConsumerConfig(max_attempts=3, backoff=lambda state: 0.02, wait_seconds=0.5)
@@ -93,10 +96,7 @@ def test_a_hostile_record_becomes_a_delivery_with_none_fields(broker: KafkaBroke
 
 
 def test_an_invalid_message_fails_the_batch_before_anything_is_sent(broker: KafkaBroker) -> None:
-    broken = object.__new__(Message)
-    for name, value in {"topic": "t", "payload": None, "id": "x", "key": None, "tag": None,
-                        "headers": {}}.items():
-        object.__setattr__(broken, name, value)
+    broken = broken_message()
     with pytest.raises(PublishError, match="cannot be written to Kafka"):
         broker.publisher().publish_batch([Message(id="ok", topic="t", payload=b""), broken])
     with pytest.raises(PublishError, match="the adapter's own"):
@@ -125,25 +125,6 @@ def test_abilities(broker: KafkaBroker) -> None:
     assert Abilities.of(sub) == Abilities(redelivery=False, dead_letter=True,
                                           counts_deliveries=False)
     sub.close()
-
-
-class Flaky:
-    def __init__(self, failures: dict[str, float]) -> None:
-        self.failures = failures
-        self.calls: list[str] = []
-
-    def note(self, message: Any) -> None:
-        self.calls.append(message.id)
-        if self.calls.count(message.id) <= self.failures.get(message.id, 0):
-            raise RuntimeError(f"cannot apply {message.id}")
-
-
-def publish_three(broker: KafkaBroker) -> None:
-    broker.publisher().publish_batch([
-        Message(id=i, topic="transfers", key="acct-1", payload=JsonCodec().encode({"id": i}))
-        for i in ("flaky", "poison", "fine")])
-    broker.publisher().publish(  # a duplicate: applied once
-        Message(id="fine", topic="transfers", key="acct-1", payload=JsonCodec().encode({})))
 
 
 def check_outcome(engine: Engine, broker: KafkaBroker, handler: Flaky) -> None:

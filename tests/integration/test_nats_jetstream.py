@@ -28,6 +28,7 @@ from outbox.typing import Abilities
 from outbox_nats import DeadLetter, NatsBroker
 from outbox_nats.mapping import stream_name
 
+from .broker_support import Flaky, publish_three
 from .test_nats_contract import delete_streams, unique_prefix
 
 pytestmark = pytest.mark.nats
@@ -274,25 +275,6 @@ def test_abilities(broker: NatsBroker) -> None:
     everything = Abilities(redelivery=True, dead_letter=True, counts_deliveries=True)
     assert Abilities.of(broker.subscriber("t", "g")) == everything
     assert Abilities.of(broker.async_subscriber("t", "g")) == everything
-
-
-class Flaky:
-    def __init__(self, failures: dict[str, float]) -> None:
-        self.failures = failures
-        self.calls: list[str] = []
-
-    def note(self, message: Any) -> None:
-        self.calls.append(message.id)
-        if self.calls.count(message.id) <= self.failures.get(message.id, 0):
-            raise RuntimeError(f"cannot apply {message.id}")
-
-
-def publish_three(broker: NatsBroker) -> None:
-    broker.publisher().publish_batch([
-        Message(id=i, topic="transfers", key="acct-1", payload=JsonCodec().encode({"id": i}))
-        for i in ("flaky", "poison", "fine")])
-    broker.publisher().publish(  # a duplicate: JetStream keeps it out of the stream
-        Message(id="fine", topic="transfers", key="acct-1", payload=JsonCodec().encode({})))
 
 
 def check_outcome(engine: Engine, broker: NatsBroker, handler: Flaky) -> None:

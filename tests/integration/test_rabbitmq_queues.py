@@ -19,13 +19,16 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import ConsumerConfig, IdempotentConsumer, JsonCodec, Message
+from outbox import ConsumerConfig, IdempotentConsumer, Message
 from outbox.aio import AsyncIdempotentConsumer
 from outbox.brokers import open_broker
 from outbox.errors import BrokerUnavailableError, ConfigurationError, PublishError
 from outbox.schema import inbox
 from outbox.typing import Abilities
 from outbox_rabbitmq import RabbitMQBroker
+
+from . import broker_support
+from .broker_support import Flaky
 
 pytestmark = pytest.mark.rabbitmq
 CONFIG = ConsumerConfig(max_attempts=3, backoff=lambda state: 0.02, wait_seconds=0.3)
@@ -395,24 +398,9 @@ def test_abilities(broker: RabbitMQBroker) -> None:
     assert Abilities.of(broker.async_subscriber("t", "g")) == everything
 
 
-class Flaky:
-    def __init__(self, failures: dict[str, float]) -> None:
-        self.failures = failures
-        self.calls: list[str] = []
-
-    def note(self, message: Any) -> None:
-        self.calls.append(message.id)
-        if self.calls.count(message.id) <= self.failures.get(message.id, 0):
-            raise RuntimeError(f"cannot apply {message.id}")
-
-
 def publish_three(broker: RabbitMQBroker) -> None:
     broker.declare_group("transfers", "bank2")  # before the relay publishes
-    broker.publisher().publish_batch([
-        Message(id=i, topic="transfers", key="acct-1", payload=JsonCodec().encode({"id": i}))
-        for i in ("flaky", "poison", "fine")])
-    broker.publisher().publish(  # a duplicate: applied once
-        Message(id="fine", topic="transfers", key="acct-1", payload=JsonCodec().encode({})))
+    broker_support.publish_three(broker)
 
 
 def done(stats: Any) -> bool:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -12,13 +9,12 @@ import pytest
 
 from outbox.testing.contract import (
     Features,
-    LoopThread,
-    SyncPublisher,
-    SyncSubscriber,
     TransportContract,
 )
 from outbox.typing import Publisher, Subscriber
 from outbox_redis import RedisBroker
+
+from .broker_support import AsyncForms, publish_from_another_process
 
 pytestmark = pytest.mark.redis
 
@@ -53,49 +49,19 @@ class RedisUnderTest:
                 for f in self.broker.dead_letters(topic, group)]
 
     def publish_from_another_process(self, topic: str, ids: Sequence[str]) -> None:
-        code = textwrap.dedent("""
-            import sys
-            import outbox
-            from outbox.brokers import open_broker
-            url, prefix, topic, *ids = sys.argv[1:]
-            broker = open_broker(url, prefix=prefix)
-            publisher = broker.publisher()
-            for i in ids:
-                publisher.publish(outbox.Message(topic=topic, id=i, payload=i.encode()))
-            broker.close()
-        """)
-        subprocess.run([sys.executable, "-c", code, self.url, self.prefix, topic, *ids],
-                       check=True, timeout=60, capture_output=True)
+        publish_from_another_process(self.url, self.prefix, topic, ids)
 
     def close(self) -> None:
-        keys = list(self.broker.client.scan_iter(match=f"{self.prefix}*"))
-        if keys:
-            self.broker.client.delete(*keys)
         self.broker.close()
+        cleaner = RedisBroker(self.url, prefix=self.prefix)  # also after the asyncio aclose
+        keys = list(cleaner.client.scan_iter(match=f"{self.prefix}*"))
+        if keys:
+            cleaner.client.delete(*keys)
+        cleaner.close()
 
 
-class AsyncRedisUnderTest(RedisUnderTest):
+class AsyncRedisUnderTest(AsyncForms, RedisUnderTest):
     """The asyncio publisher and subscribers, driven from a private loop."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.loop = LoopThread()
-
-    def publisher(self) -> Publisher:
-        return SyncPublisher(self.broker.async_publisher(), self.loop)
-
-    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
-                   ) -> Subscriber:
-        return SyncSubscriber(self.broker.async_subscriber(
-            topic, group, visibility_timeout=visibility_timeout), self.loop)
-
-    def close(self) -> None:
-        try:
-            self.loop.run(self.broker.aclose())
-            self.broker = RedisBroker(self.url, prefix=self.prefix)
-            super().close()
-        finally:
-            self.loop.close()
 
 
 class TestRedisStreams(TransportContract):

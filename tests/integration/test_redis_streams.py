@@ -13,13 +13,16 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox import ConsumerConfig, IdempotentConsumer, JsonCodec, Message
+from outbox import ConsumerConfig, IdempotentConsumer, Message
 from outbox.aio import AsyncIdempotentConsumer
 from outbox.brokers import open_broker
 from outbox.errors import BrokerUnavailableError, PublishError
 from outbox.schema import inbox
+from outbox.testing import broken_message
 from outbox.typing import Abilities
 from outbox_redis import RedisBroker
+
+from .broker_support import Flaky, publish_three
 
 pytestmark = pytest.mark.redis
 CONFIG = ConsumerConfig(max_attempts=3, backoff=lambda state: 0.02, wait_seconds=0.3)
@@ -69,10 +72,7 @@ def test_maxlen_trims_the_stream(redis_url: str) -> None:
 
 
 def test_an_invalid_message_fails_the_batch_before_anything_is_sent(broker: RedisBroker) -> None:
-    broken = object.__new__(Message)
-    for name, value in {"topic": "t", "payload": None, "id": "x", "key": None, "tag": None,
-                        "headers": {}}.items():
-        object.__setattr__(broken, name, value)
+    broken = broken_message()
     with pytest.raises(PublishError, match="cannot be written to a Redis stream"):
         broker.publisher().publish_batch([Message(id="ok", topic="t", payload=b""), broken])
     assert broker.client.xlen(f"{broker.options.prefix}t") == 0
@@ -90,25 +90,6 @@ def test_an_unreachable_server_says_what_to_do_without_the_password() -> None:
 def test_abilities(broker: RedisBroker) -> None:
     assert Abilities.of(broker.subscriber("t", "g")) == Abilities(
         redelivery=False, dead_letter=True, counts_deliveries=True)
-
-
-class Flaky:
-    def __init__(self, failures: dict[str, float]) -> None:
-        self.failures = failures
-        self.calls: list[str] = []
-
-    def note(self, message: Any) -> None:
-        self.calls.append(message.id)
-        if self.calls.count(message.id) <= self.failures.get(message.id, 0):
-            raise RuntimeError(f"cannot apply {message.id}")
-
-
-def publish_three(broker: RedisBroker) -> None:
-    broker.publisher().publish_batch([
-        Message(id=i, topic="transfers", key="acct-1", payload=JsonCodec().encode({"id": i}))
-        for i in ("flaky", "poison", "fine")])
-    broker.publisher().publish(  # a duplicate: applied once
-        Message(id="fine", topic="transfers", key="acct-1", payload=JsonCodec().encode({})))
 
 
 def check_outcome(engine: Engine, broker: RedisBroker, handler: Flaky) -> None:

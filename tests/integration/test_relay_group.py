@@ -255,6 +255,7 @@ def test_a_notify_wakes_an_idle_postgres_database(
         ids = fill(engines[1], "woken", SMALL)  # its commit sends the NOTIFY
         assert wait_until(lambda: sorted(publisher.ids()) == ids, timeout=30)
         assert group.published()[group.names[1]] == SMALL
+        group.stop()  # its LISTEN connections closed before their engines go
     finally:
         for e in engines:
             e.dispose()

@@ -6,6 +6,7 @@ import pytest
 
 from outbox import Message
 from outbox.errors import ConfigurationError, PublishError
+from outbox.testing import broken_message
 from outbox_kafka.broker import Handle, _Offsets, parse_url
 from outbox_kafka.mapping import (
     dead_headers,
@@ -43,10 +44,7 @@ def test_a_dead_letter_keeps_the_record_and_says_who_where_and_why() -> None:
 
 
 def test_a_message_that_is_not_one_is_refused() -> None:
-    broken = object.__new__(Message)
-    for name, value in {"topic": "t", "payload": None, "id": "x", "key": None, "tag": None,
-                        "headers": {}}.items():
-        object.__setattr__(broken, name, value)
+    broken = broken_message()
     with pytest.raises(PublishError, match="cannot be written to Kafka"):
         to_record(broken)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from outbox import Message
+from outbox import Message, testing
 from outbox.errors import PublishError
 from outbox_rabbitmq.mapping import (
     MAX_DELAY_MS,
@@ -32,12 +32,7 @@ def received(out: Outgoing, **extra: Any) -> dict[str, Any]:
 
 
 def broken_message(**values: Any) -> Message:
-    broken = object.__new__(Message)
-    fields = {"topic": "t", "payload": b"", "id": "x", "key": None, "tag": None,
-              "headers": {}, **values}
-    for name, value in fields.items():
-        object.__setattr__(broken, name, value)
-    return broken
+    return testing.broken_message(**{"payload": b"", **values})
 
 
 def test_a_message_travels_in_amqp_fields_and_round_trips() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from outbox import Message
 from outbox.errors import PublishError
+from outbox.testing import broken_message
 from outbox_redis.mapping import dead_fields, delivery_fields, to_delivery, to_fields
 
 
@@ -34,9 +35,6 @@ def test_a_dead_letter_keeps_the_message_and_says_who_and_why() -> None:
 
 
 def test_a_message_that_is_not_one_is_refused() -> None:
-    broken = object.__new__(Message)
-    for name, value in {"topic": "t", "payload": None, "id": "x", "key": None, "tag": None,
-                        "headers": {}}.items():
-        object.__setattr__(broken, name, value)
+    broken = broken_message()
     with pytest.raises(PublishError, match="cannot be written"):
         to_fields(broken)

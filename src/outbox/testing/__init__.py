@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..envelope import DELIVER_AT_HEADER, delivery_time
 from ..errors import BrokerUnavailableError, PublishError
@@ -42,6 +43,18 @@ from ..typing import AsyncSubscriber, Subscriber
 
 #: How often a waiting fetch looks again without being woken (a retry delay ending).
 _POLL_SECONDS = 0.05
+
+
+def broken_message(**fields: Any) -> Message:
+    """A :class:`~outbox.Message` that slipped past validation (payload ``None`` unless
+    given): what an adapter's publisher must refuse with PublishError, and with it the
+    rest of its batch, before anything is sent."""
+    broken = object.__new__(Message)
+    values: dict[str, Any] = {"topic": "t", "payload": None, "id": "x", "key": None,
+                              "tag": None, "headers": {}, **fields}
+    for name, value in values.items():
+        object.__setattr__(broken, name, value)
+    return broken
 
 
 @dataclass

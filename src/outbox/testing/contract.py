@@ -40,6 +40,7 @@ from ..errors import PublishError
 from ..message import Message
 from ..transport import Delivery
 from ..typing import Abilities, BatchPublisher, Publisher, Subscriber
+from . import broken_message
 
 T = TypeVar("T")
 
@@ -516,11 +517,7 @@ class TransportContract:
         sub = under.subscriber("contract", "g")
         # A message that slipped past validation: the adapter must refuse it, and with
         # it every other message of the batch.
-        broken = object.__new__(Message)
-        fields_: dict[str, Any] = {"topic": "contract", "payload": None, "id": "broken",
-                                   "key": None, "tag": None, "headers": {}}
-        for name, value in fields_.items():
-            object.__setattr__(broken, name, value)
+        broken = broken_message(topic="contract", id="broken")
         with pytest.raises(PublishError):
             pub.publish_batch([message(id="b-1"), message(id="b-2"), broken])
         assert sub.fetch(10, self.scale(under, 0.5)) == []
