@@ -260,6 +260,29 @@ class KafkaPublisher:
         self.producer.flush(min(self.options.timeout, 10.0))
 
 
+#: Errors of a partition that exists but is not served yet.
+_NOT_READY = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                        KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION})
+
+
+def _watermarks(reader: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    """A partition's low and high offsets, asked again while the error is retriable
+    (a topic just created: the controller names a leader a moment before the broker
+    serves the partition, NOT_LEADER_FOR_PARTITION)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = reader.get_watermark_offsets(tp, timeout=timeout)
+            return low, high
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if not (isinstance(error, KafkaError) and (
+                    error.retriable() or error.code() in _NOT_READY)) or \
+                    time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _delivery(topic: str, record: Any) -> Delivery:
     """The delivery of a consumed record (the framework's topic name, without prefix)."""
     handle = Handle(record.topic() or "", record.partition() or 0, record.offset() or 0)
@@ -552,8 +575,7 @@ class KafkaBroker:
             meta = reader.list_topics(name, timeout=self.options.timeout).topics[name]
             wanted = []
             for p in meta.partitions:
-                low, high = reader.get_watermark_offsets(TopicPartition(name, p),
-                                                         timeout=self.options.timeout)
+                low, high = _watermarks(reader, TopicPartition(name, p), self.options.timeout)
                 if high > low:
                     wanted.append((p, low, high))
             if not wanted:
