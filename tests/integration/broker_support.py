@@ -34,6 +34,26 @@ def publish_from_another_process(url: str, prefix: str, topic: str, ids: Sequenc
                    check=True, timeout=60, capture_output=True)
 
 
+class SyncForms:
+    """The sync publisher and subscribers of a broker's under-test class (its
+    ``broker``, ``url`` and ``prefix``)."""
+
+    broker: Any
+    url: str
+    prefix: str
+
+    def publisher(self) -> Publisher:
+        return self.broker.publisher()  # type: ignore[no-any-return]
+
+    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
+                   ) -> Subscriber:
+        return self.broker.subscriber(  # type: ignore[no-any-return]
+            topic, group, visibility_timeout=visibility_timeout)
+
+    def publish_from_another_process(self, topic: str, ids: Sequence[str]) -> None:
+        publish_from_another_process(self.url, self.prefix, topic, ids)
+
+
 class AsyncForms:
     """Mixed in before a broker's under-test class: the asyncio publisher and
     subscribers of its ``broker``, driven from a private loop; ``close`` closes the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import nats
 import pytest
@@ -13,11 +13,10 @@ from outbox.testing.contract import (
     Features,
     TransportContract,
 )
-from outbox.typing import Publisher, Subscriber
 from outbox_nats import NatsBroker
 from outbox_nats.mapping import sanitized
 
-from .broker_support import AsyncForms, publish_from_another_process
+from .broker_support import AsyncForms, SyncForms
 
 pytestmark = pytest.mark.nats
 
@@ -52,7 +51,7 @@ def unique_prefix() -> str:
     return f"outbox-test-{uuid.uuid4().hex[:10]}."
 
 
-class NatsUnderTest:
+class NatsUnderTest(SyncForms):
     """A broker whose streams are this test's alone (a unique subject prefix)."""
 
     features = FEATURES
@@ -62,18 +61,8 @@ class NatsUnderTest:
         self.prefix = unique_prefix()
         self.broker = NatsBroker(url, prefix=self.prefix)
 
-    def publisher(self) -> Publisher:
-        return self.broker.publisher()
-
-    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
-                   ) -> Subscriber:
-        return self.broker.subscriber(topic, group, visibility_timeout=visibility_timeout)
-
     def dead_letters(self, topic: str, group: str) -> list[tuple[str | None, str | None]]:
         return [(d.message_id, d.reason) for d in self.broker.dead_letters(topic, group)]
-
-    def publish_from_another_process(self, topic: str, ids: Sequence[str]) -> None:
-        publish_from_another_process(self.url, self.prefix, topic, ids)
 
     def close(self) -> None:
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,10 +11,9 @@ from outbox.testing.contract import (
     Features,
     TransportContract,
 )
-from outbox.typing import Publisher, Subscriber
 from outbox_rabbitmq import RabbitMQBroker
 
-from .broker_support import AsyncForms, publish_from_another_process
+from .broker_support import AsyncForms, SyncForms
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -33,7 +32,7 @@ FEATURES = Features(
 )
 
 
-class RabbitMQUnderTest:
+class RabbitMQUnderTest(SyncForms):
     """A broker whose exchanges and queues are this test's alone (a unique prefix),
     all deleted at the end."""
 
@@ -44,18 +43,8 @@ class RabbitMQUnderTest:
         self.prefix = f"outbox-test-{uuid.uuid4().hex[:10]}"
         self.broker = RabbitMQBroker(url, prefix=self.prefix)
 
-    def publisher(self) -> Publisher:
-        return self.broker.publisher()
-
-    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
-                   ) -> Subscriber:
-        return self.broker.subscriber(topic, group, visibility_timeout=visibility_timeout)
-
     def dead_letters(self, topic: str, group: str) -> list[tuple[str | None, str | None]]:
         return [(d.message_id, d.reason) for d in self.broker.dead_letters(topic, group)]
-
-    def publish_from_another_process(self, topic: str, ids: Sequence[str]) -> None:
-        publish_from_another_process(self.url, self.prefix, topic, ids)
 
     def close(self) -> None:
         self.broker.close()

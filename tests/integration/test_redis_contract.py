@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,10 +11,9 @@ from outbox.testing.contract import (
     Features,
     TransportContract,
 )
-from outbox.typing import Publisher, Subscriber
 from outbox_redis import RedisBroker
 
-from .broker_support import AsyncForms, publish_from_another_process
+from .broker_support import AsyncForms, SyncForms
 
 pytestmark = pytest.mark.redis
 
@@ -27,7 +26,7 @@ FEATURES = Features(
 )
 
 
-class RedisUnderTest:
+class RedisUnderTest(SyncForms):
     """A broker whose streams are this test's alone (a unique key prefix)."""
 
     features = FEATURES
@@ -37,19 +36,9 @@ class RedisUnderTest:
         self.prefix = f"outbox-test-{uuid.uuid4().hex[:10]}:"
         self.broker = RedisBroker(url, prefix=self.prefix)
 
-    def publisher(self) -> Publisher:
-        return self.broker.publisher()
-
-    def subscriber(self, topic: str, group: str, *, visibility_timeout: float = 30.0
-                   ) -> Subscriber:
-        return self.broker.subscriber(topic, group, visibility_timeout=visibility_timeout)
-
     def dead_letters(self, topic: str, group: str) -> list[tuple[str | None, str | None]]:
         return [((f.get(b"id") or b"").decode() or None, f[b"dead-reason"].decode())
                 for f in self.broker.dead_letters(topic, group)]
-
-    def publish_from_another_process(self, topic: str, ids: Sequence[str]) -> None:
-        publish_from_another_process(self.url, self.prefix, topic, ids)
 
     def close(self) -> None:
         self.broker.close()
