@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+# More: make demo DEMO_ARGS=--keep-running (the services stay up until Ctrl-C)
+DEMO_ARGS ?=
 demo: $(STAMP)
-	PYTHONPATH=examples $(PY) -m bank_transfer.demo
+	PYTHONPATH=examples $(PY) -m bank_transfer.demo $(DEMO_ARGS)
 
 # The same demo with both banks on the test servers started by scripts/services.
 demo-postgres: $(STAMP) services
@@ -111,9 +113,12 @@ lint: $(STAMP)
 model-check:
 	scripts/model-check
 
+# Two lanes side by side (pytest-xdist; see ROCKETMQ_LANE in tests/conftest.py), then
+# the tests that stop a shared server, alone.
 test: $(STAMP) services lint
 	scripts/model-check --install
-	$(SERVICE_ENV) $(PY) -m pytest
+	$(SERVICE_ENV) $(PY) -m pytest -n 2 --dist loadgroup -m "not exclusive" && \
+	  $(PY) -m pytest -m exclusive
 
 clean:
 	rm -rf .demo .chaos .model-check .pytest_cache .mypy_cache .ruff_cache

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import NoReturn
@@ -74,6 +75,26 @@ applied = Table(
 )
 
 ALL_METADATA = (outbox.metadata, transport_metadata, test_metadata)
+
+
+#: Tests on the RocketMQ brokers (and what loads them: the bench's half messages, the
+#: Java neighbours) run one after another in one lane of ``make test``'s two
+#: (pytest-xdist, --dist loadgroup), as they share the brokers' topics and groups and
+#: one of them restarts the 5.x broker; every other test runs in the other lane, in
+#: file order as without xdist.
+ROCKETMQ_LANE_MARKS = ("rocketmq", "rocketmq4")
+ROCKETMQ_LANE_FILES = ("rocketmq", "remoting", "java_interop", "test_bench.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        rocketmq = (any(item.get_closest_marker(m) for m in ROCKETMQ_LANE_MARKS)
+                    or any(part in path for part in ROCKETMQ_LANE_FILES))
+        item.add_marker(pytest.mark.xdist_group("rocketmq" if rocketmq else "rest"))
 
 
 def in_ci() -> bool:
@@ -266,6 +287,17 @@ def nats_url() -> str:
     """The NATS JetStream test server (``scripts/nats up``), from OUTBOX_TEST_NATS_URL."""
     return _broker_url("OUTBOX_TEST_NATS_URL", "NATS",
                        'run scripts/nats up and eval "$(scripts/nats env)"')
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's rule checker (Debian's prometheus package, which scripts/services
+    installs; no Prometheus server is started)."""
+    found = shutil.which("promtool")
+    if found is None:
+        unavailable("promtool is missing: scripts/services up installs it (Debian's "
+                    "prometheus package), or apt-get install prometheus")
+    return found
 
 
 @pytest.fixture(params=BACKENDS)

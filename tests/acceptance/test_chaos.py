@@ -57,6 +57,7 @@ def _server_env(url: URL, var: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.exclusive  # db-restart stops the shared PostgreSQL server
 def test_chaos_sql_transport_on_sqlite_and_postgres(postgres_url: URL, tmp_path: Path) -> None:
     output = run_chaos(
         tmp_path / "chaos", _server_env(postgres_url, "OUTBOX_TEST_POSTGRES_URL"),
