@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import datetime as dt
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -36,6 +37,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -60,6 +62,7 @@ from . import REFUND_DEAD_LETTER_TOPIC, REFUND_GROUP, REFUND_TOPIC, TOPIC
 from .chaos import faults
 from .models import bank1_accounts as accounts
 from .models import refunds, transfers
+from .observability import TRACE_DIR_VAR, TracingMiddleware, observe
 from .runs import RUN_ID, AsyncOnlyRun
 from .runtime import configure_logging, url_option
 from .transports import (
@@ -335,7 +338,9 @@ def create_app(
                 await delivery.aclose()  # ends the half messages still in hand
             await engine.dispose()
 
-    return Starlette(routes=[
+    # While tracing (see bank_transfer.observability), each request is a span.
+    middleware = [Middleware(TracingMiddleware)] if os.environ.get(TRACE_DIR_VAR) else []
+    return Starlette(middleware=middleware, routes=[
         Route("/transfers", post_transfer, methods=["POST"]),
         Route("/accounts/{account_no}", get_account, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -402,7 +407,11 @@ def main(argv: list[str] | None = None) -> None:
              transport=args.transport, send_style=args.send_style)
     # uvicorn stops gracefully on SIGTERM and SIGINT by itself. The lifespan starts
     # the producer and the refund consumer, and stops them at the end.
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+    stop_observing = observe("bank1")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+    finally:
+        stop_observing()
     log.info("bank1_stopped")
 
 

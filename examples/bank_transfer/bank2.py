@@ -52,6 +52,7 @@ from . import CONSUMER_GROUP, DEAD_LETTER_TOPIC, REFUND_TOPIC, TOPIC
 from .chaos import faults
 from .models import bank2_accounts as accounts
 from .models import credits, returns
+from .observability import observe
 from .runs import RUN_ID, OnlyRun
 from .runtime import configure_logging, stop_on_signals, url_option
 from .transports import (
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("bank2_started", db=safe_url(args.db), transport=where, topic=TOPIC,
              group=args.group, run_id=args.run_id)
     relay.start()
+    stop_observing = observe("bank2", {"bank2": bank2})
     try:
         if args.report is not None:
             with Reporter(args.report, consumer, filtered):
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             consumer.run(stop)
     finally:
         relay.stop()
+        stop_observing()
         publisher.close()
         if rocketmq is not None:
             rocketmq.close()

@@ -53,14 +53,17 @@ def free_port() -> int:
         return port
 
 
-def start(name: str, args: list[str], log_dir: Path, urls: dict[str, str]) -> Child:
+def start(name: str, args: list[str], log_dir: Path, urls: dict[str, str],
+          extra_env: dict[str, str] | None = None) -> Child:
     """Run ``python -m bank_transfer.<name> ARGS`` with stdout and stderr in ``<name>.log``.
 
     Database URLs (``urls``: option name to URL) go through the environment, not the
-    command line, where any local user could read a password with ``ps``.
+    command line, where any local user could read a password with ``ps``;
+    ``extra_env`` is added to it too.
     """
     env = dict(os.environ)
     env.update({url_env_var(option): url for option, url in urls.items()})
+    env.update(extra_env or {})
     # The child imports bank_transfer from the same folder as this demo.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES_DIR), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"

@@ -48,6 +48,7 @@ from .bank1 import transfer_message
 from .bank2 import ConsumerReport, read_report
 from .children import Child, ServiceFailed, free_port, start, stop_all, wait_healthy
 from .models import transfers
+from .observability import METRICS_PORT_VAR
 from .runs import run_transfer_no
 from .setup import setup, setup_transport
 from .transports import BROKER, DEFAULT_ENDPOINTS, ROCKETMQ, SQL, TRANSPORTS, rocketmq_config
@@ -343,6 +344,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "redis://, nats://; see outbox.brokers)")
     parser.add_argument("--port", type=int, default=0, help="bank1's port (default: a free one)")
     parser.add_argument("--settle-timeout", type=float, default=60.0, help="seconds (default 60)")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="leave the services up after the run, for a look at bank1's API "
+                             "and the metrics, until Ctrl-C")
     args = parser.parse_args(argv)
     if args.transport != SQL and args.transport_db:
         parser.error("--transport-db is for --transport sql")
@@ -355,8 +359,34 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM takes the same way out as Ctrl-C
 
 
+def metrics_ports() -> dict[str, int]:
+    """A free port for each service's Prometheus metrics."""
+    return {name: free_port() for name in ("bank1", "relay", "bank2")}
+
+
+def metrics_env(ports: dict[str, int], name: str) -> dict[str, str]:
+    return {METRICS_PORT_VAR: str(ports[name])}
+
+
+def say_metrics(ports: dict[str, int]) -> None:
+    say("metrics (Prometheus text, while the services run): " + ", ".join(
+        f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items()))
+
+
+def wait_until_interrupted(children: list[Child]) -> None:
+    """``--keep-running``: leave the services up until Ctrl-C (or SIGTERM)."""
+    say("--keep-running: the services stay up; press Ctrl-C to stop them")
+    try:
+        while True:
+            for child in children:
+                child.check_running()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        say("stopping the services")
+
+
 def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout: float,
-                 run: Run) -> None:
+                 run: Run, keep_running: bool = False) -> None:
     """Set up, start the services, drive the transfers, wait, and read the books.
 
     The services are stopped on the way out whatever happens.
@@ -370,20 +400,25 @@ def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout:
         setup(bank2, "bank2", reset=True)
         run.before = balances(bank1, bank2)
         say(f"setup done: balance(1) = {run.before[0]}, balance(2) = {run.before[1]}")
+        metrics = metrics_ports()
         for name, db in (("bank1", urls["bank1"]), ("relay", urls["bank1"]),
                          ("bank2", urls["bank2"])):
             args = ["--port", str(port)] if name == "bank1" else []
             children.append(start(name, args, workdir,
-                                  {"--db": db, "--transport-db": urls["transport"]}))
+                                  {"--db": db, "--transport-db": urls["transport"]},
+                                  metrics_env(metrics, name)))
         base = f"http://127.0.0.1:{port}"
         wait_healthy(children[0], f"{base}/health")
         say(f"services started: bank1 on {base}, relay, bank2")
+        say_metrics(metrics)
         with httpx.Client(base_url=base, timeout=30.0) as client:
             send_transfers(client, run)
         publish_again(bank1, transport)
         run.settled = wait_settled(bank1, bank2, transport, children, settle_timeout)
         run.books = read_books(bank1, bank2, transport)
         print_balances(run.books, run.before)
+        if keep_running:
+            wait_until_interrupted(children)
     finally:
         for line in stop_all(children):
             say(line)
@@ -409,7 +444,8 @@ def check_proxy(broker: Broker) -> None:
 
 
 def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
-                          settle_timeout: float, run: Run, broker: Broker) -> None:
+                          settle_timeout: float, run: Run, broker: Broker,
+                          keep_running: bool = False) -> None:
     """``run_services`` over RocketMQ: half messages from bank1, this run's consumer
     group for bank2, and bank2's report file instead of the SQL transport's tables."""
     bank1, bank2 = create_engine(urls["bank1"]), create_engine(urls["bank2"])
@@ -422,17 +458,22 @@ def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
         setup(bank2, "bank2", reset=True)
         run.before = balances(bank1, bank2)
         say(f"setup done: balance(1) = {run.before[0]}, balance(2) = {run.before[1]}")
+        metrics = metrics_ports()
         children.append(start("bank1", [
             "--port", str(port), *transport_args, "--run-id", broker.run_id,
-            "--refund-group", broker.refund_group], workdir, {"--db": urls["bank1"]}))
-        children.append(start("relay", transport_args, workdir, {"--db": urls["bank1"]}))
+            "--refund-group", broker.refund_group], workdir, {"--db": urls["bank1"]},
+            metrics_env(metrics, "bank1")))
+        children.append(start("relay", transport_args, workdir, {"--db": urls["bank1"]},
+                              metrics_env(metrics, "relay")))
         children.append(start("bank2", [
             *transport_args, "--group", broker.group, "--run-id", broker.run_id,
-            "--report", str(report_path)], workdir, {"--db": urls["bank2"]}))
+            "--report", str(report_path)], workdir, {"--db": urls["bank2"]},
+            metrics_env(metrics, "bank2")))
         base = f"http://127.0.0.1:{port}"
         wait_healthy(children[0], f"{base}/health")
         wait_consumer_ready(children[2], report_path)
         say(f"services started: bank1 on {base}, relay, bank2 (consumer group {broker.group})")
+        say_metrics(metrics)
         with httpx.Client(base_url=base, timeout=30.0) as client:
             send_transfers(client, run, broker.transfer_no)
         dropped = publish_again_rocketmq(bank1, broker)
@@ -447,6 +488,8 @@ def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
                                 duplicates_ignored=run.books.duplicates_ignored + 1)
         print_balances(run.books, run.before)
         print_consumer(report)
+        if keep_running:
+            wait_until_interrupted(children)
     finally:
         for line in stop_all(children):
             say(line)
@@ -484,9 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or free_port()
     try:
         if broker is not None:
-            run_services_rocketmq(urls, workdir, port, args.settle_timeout, run, broker)
+            run_services_rocketmq(urls, workdir, port, args.settle_timeout, run, broker,
+                                  args.keep_running)
         else:
-            run_services(urls, workdir, port, args.settle_timeout, run)
+            run_services(urls, workdir, port, args.settle_timeout, run, args.keep_running)
     except ServiceFailed as exc:
         say(f"error: {exc}")
         return 1

@@ -24,6 +24,7 @@ from outbox_rocketmq import RocketMQPublisher
 
 from . import TOPIC
 from .chaos import faults
+from .observability import observe
 from .runtime import configure_logging, stop_on_signals, url_option
 from .transports import (
     BROKER,
@@ -74,9 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     relay = Relay(bank1, publisher, RelayConfig(
         poll_interval=args.poll_interval, max_attempts=args.max_attempts, backoff=backoff))
     log.info("relay_started", db=safe_url(args.db), transport=where)
+    stop_observing = observe("relay", {"bank1": bank1})
     try:
         relay.run(stop)
     finally:
+        stop_observing()
         publisher.close()
         if broker is not None:
             broker.close()

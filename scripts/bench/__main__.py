@@ -21,7 +21,8 @@ import time
 
 from . import common
 
-PARTS = ("write", "claim", "relay", "e2e", "consumer", "scale", "sqltransport", "rocketmq")
+PARTS = ("write", "claim", "relay", "e2e", "consumer", "scale", "sqltransport", "rocketmq",
+         "seam")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -95,6 +96,10 @@ def run_part(part: str, url: str, report: common.Report, args: argparse.Namespac
     elif part == "rocketmq":
         from . import rocketmq
         rocketmq.run(report, quick=quick, endpoints=args.rocketmq_endpoints)
+    elif part == "seam":
+        from . import seam
+        seam.run(url, report, iterations=1000 if quick else 5000,
+                 messages=5_000 if quick else 50_000)
 
 
 if __name__ == "__main__":

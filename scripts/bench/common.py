@@ -157,7 +157,7 @@ class Report:
     BENCH_KEYS = (
         "write_vs_insert_p50", "write_vs_insert_p99", "claim_1m_vs_1k", "relay_vs_pipeline",
         "relay_cpu_ms", "e2e_p99_vs_direct", "sqltransport_msgs", "consumer_inbox_vs_bare",
-        "halfmsg_vs_plain",
+        "halfmsg_vs_plain", "seam_write_observed_p50", "seam_relay_observed",
     )
 
     def bench_line(self) -> str:

@@ -75,6 +75,16 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, not {text!r}")
+    return port
+
+
 def _whole(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -203,6 +213,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=_whole(1), default=100)
     c.add_argument("--poll-interval", type=_seconds, default=0.5)
     c.add_argument("--max-attempts", type=_whole(1), default=10)
+    c.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics: the relay's "
+                        "counters and histograms, and the pending rows, their oldest's age, "
+                        "dead rows and parked keys of each --db (pip install "
+                        "'outbox[prometheus]')")
+    c.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="the address --metrics-port listens on (default 127.0.0.1; 0.0.0.0 "
+                        "for every interface)")
     c = cmd("rocketmq-recover",
             "find committed transactions whose messages never reached their RocketMQ "
             "topic, and send them again through their outbox rows")
@@ -433,8 +451,40 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+@contextlib.contextmanager
+def _metrics(args: argparse.Namespace, engines: Sequence[Engine]) -> Iterator[None]:
+    """``--metrics-port``: serve ``/metrics`` while the relay runs."""
+    if args.metrics_port is None:
+        yield
+        return
+    try:
+        from . import metrics
+    except ImportError as exc:
+        raise ConfigurationError(
+            "--metrics-port needs prometheus-client: pip install 'outbox[prometheus]'"
+        ) from exc
+    from . import instrument
+
+    try:
+        server, observer = metrics.serve(args.metrics_port, host=args.metrics_host,
+                                         engines={safe_url(e.url): e for e in engines})
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {args.metrics_host}:{args.metrics_port} "
+            f"({exc.strerror or exc}); choose another --metrics-port") from exc
+    print(f"metrics at http://{args.metrics_host}:{args.metrics_port}/metrics",
+          file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        instrument.remove_observer(observer)
+        server.shutdown()
+        server.server_close()
+
+
 def _run_relay(engine: Engine, args: argparse.Namespace) -> None:
     with ExitStack() as stack:
+        stack.enter_context(_metrics(args, [engine]))
         publisher, where = _publisher(args, stack)
         relay = Relay(engine, publisher, _relay_config(args))
         stop = _stop_on_signals()
@@ -455,6 +505,7 @@ def _run_relay_group(args: argparse.Namespace) -> None:
             _require_tables(engine)
         args.db = None
         with ExitStack() as stack:
+            stack.enter_context(_metrics(args, engines))
             publisher, where = _publisher(args, stack)
             group = RelayGroup(engines, publisher, _relay_config(args))
             stop = _stop_on_signals()

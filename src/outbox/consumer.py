@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import inspect
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import instrument
 from .app import explain_missing
 from .codec import JsonCodec
 from .consumer_store import forget_attempts, record_failure, store_dead_letter
@@ -117,6 +119,11 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"
     RETRIED = "retried"
     DEAD = "dead"
+
+
+#: The instrumentation event of each outcome.
+_EVENTS = {Outcome.PROCESSED: instrument.PROCESSED, Outcome.DUPLICATE: instrument.DUPLICATE,
+           Outcome.RETRIED: instrument.RETRIED, Outcome.DEAD: instrument.DEAD_LETTERED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +250,10 @@ class ConsumerPolicy:
             return "hold", (decision.delay,)
         return "ack", ()
 
-    def report(self, decision: Decision, delivery: Delivery) -> None:
+    def report(self, decision: Decision, delivery: Delivery, started: float | None = None
+               ) -> None:
+        """Log what became of ``delivery`` (and announce it, with observers: ``started``
+        is when its handling began, on :func:`time.perf_counter`)."""
         fields = self.fields(delivery)
         if decision.outcome is Outcome.DEAD:
             log.error(decision.event, reason=decision.reason, **fields)
@@ -252,6 +262,29 @@ class ConsumerPolicy:
                         retry_in=round(decision.delay, 3), **fields)
         else:
             log.info(decision.event, **fields)
+        if instrument.observers:
+            self._announce(decision, delivery, started)
+
+    def _announce(self, decision: Decision, delivery: Delivery, started: float | None) -> None:
+        name = _EVENTS[decision.outcome]
+        seconds = None if started is None else time.perf_counter() - started
+        instrument.emit(name, topic=delivery.topic, message_id=delivery.message_id,
+                        key=delivery.key, group=self.group, attempt=delivery.attempt,
+                        error=decision.reason, seconds=seconds,
+                        delay=decision.delay if decision.outcome is Outcome.RETRIED else None,
+                        headers=delivery.headers)
+
+    @contextlib.contextmanager
+    def observed(self, delivery: Delivery) -> Iterator[None]:
+        """With observers: the delivery announced, and its handling (inbox transaction,
+        handler, acknowledgement) in the observers' span, continuing its trace."""
+        instrument.emit(instrument.DELIVERED, topic=delivery.topic,
+                        message_id=delivery.message_id, key=delivery.key, group=self.group,
+                        attempt=delivery.attempt, headers=delivery.headers)
+        with instrument.span("outbox.consume", topic=delivery.topic,
+                             message_id=delivery.message_id, group=self.group,
+                             parent=delivery.headers):
+            yield
 
 
 class ConsumerBase:
@@ -365,6 +398,12 @@ class IdempotentConsumer(ConsumerBase):
         Kafka partition keeps its order), until it succeeds or is dead-lettered; a stop
         during the wait leaves the delivery unacknowledged, to come back later.
         """
+        if instrument.observers:
+            with self.policy.observed(delivery):
+                return self._handle(delivery, time.perf_counter())
+        return self._handle(delivery, None)
+
+    def _handle(self, delivery: Delivery, started: float | None) -> Outcome:
         policy, abilities = self.policy, self.abilities
         counted = False  # this call wrote a failure count for the message
         while True:
@@ -381,7 +420,7 @@ class IdempotentConsumer(ConsumerBase):
                                              limit_transient=abilities.counts_deliveries)
             action, args = policy.verdict(decision, abilities)
             if action == "hold":
-                policy.report(decision, delivery)
+                policy.report(decision, delivery, started)
                 if not self._wait(args[0]):
                     return decision.outcome
                 delivery = replace(delivery, attempt=delivery.attempt + 1)
@@ -393,7 +432,7 @@ class IdempotentConsumer(ConsumerBase):
             getattr(self.subscriber, action)(delivery, *args)
             if action == "dead_letter" and counted:
                 self._forget(delivery)
-            policy.report(decision, delivery)
+            policy.report(decision, delivery, started)
             return decision.outcome
 
     def _count(self, delivery: Delivery, exc: BaseException) -> int | None:

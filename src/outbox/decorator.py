@@ -8,6 +8,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import instrument
 from .envelope import CREATED_AT_HEADER, DELIVER_AT_HEADER, check_user_headers, format_utc
 from .errors import ConfigurationError, MessageError, MisuseError
 from .message import Message
@@ -134,6 +135,8 @@ def build_message(
     check_user_headers(headers)
     now = utcnow()
     msg_headers = {**(headers or {}), CREATED_AT_HEADER: format_utc(now)}
+    if instrument.observers:  # a trace context, where an observer writes one
+        msg_headers = {**instrument.context_headers(), **msg_headers}
     if deliver_at is not None or deliver_after is not None:
         due = delivery_at(now, deliver_at, deliver_after)
         if due is not None:

@@ -15,13 +15,22 @@ from typing import Any
 import tenacity
 from sqlalchemy import Connection, Engine
 
-from . import storage
+from . import instrument, storage
 from .db import claiming_options, safe_url
+from .envelope import CREATED_AT_HEADER, parse_utc
 from .errors import ConfigurationError
 from .log import get_logger
 from .message import Message
 from .schema import NOTIFY_CHANNEL, utcnow
 from .typing import BatchPublisher, Publisher
+
+_NO_SPAN = contextlib.nullcontext()
+
+
+def announce(name: str, count: int) -> None:
+    """An operator's (or the purge's) work on ``count`` rows, to the observers."""
+    if count and instrument.observers:
+        instrument.emit(name, count=count)
 
 log = get_logger("outbox.relay")
 
@@ -109,7 +118,8 @@ class BatchPlan:
     row holds back the later rows of its key), and what a failure means (backoff, or
     dead after ``max_attempts``). The sync and asyncio relays only publish."""
 
-    __slots__ = ("_blocked", "config", "failures", "now", "rows", "sent")
+    __slots__ = ("_blocked", "_timings", "config", "failures", "now", "observed", "rows",
+                 "sent")
 
     def __init__(self, rows: list[storage.ClaimedRow], config: RelayConfig,
                  now: dt.datetime) -> None:
@@ -119,6 +129,28 @@ class BatchPlan:
         self.sent: list[int] = []
         self.failures: list[storage.Failure] = []
         self._blocked: set[str] = set()
+        # With observers: each publish is timed and spanned, and the events follow
+        # the batch's commit (result). Without: nothing of it is done.
+        self.observed = bool(instrument.observers)
+        self._timings: dict[int, float] = {}
+        if self.observed:
+            instrument.emit(instrument.CLAIMED, count=len(rows))
+
+    def span(self, messages: list[Message]) -> contextlib.AbstractContextManager[Any]:
+        """The observers' publish span around one message or a batch (links to each
+        message's trace context); a no-op without observers."""
+        if not self.observed:
+            return _NO_SPAN
+        first = messages[0]
+        return instrument.span("outbox.publish", topic=first.topic,
+                               message_id=first.id if len(messages) == 1 else None,
+                               links=[m.headers for m in messages])
+
+    def timed(self, started: float, rows: Iterable[storage.ClaimedRow]) -> None:
+        """Record the publish time of ``rows`` (one call that began at ``started``)."""
+        seconds = time.perf_counter() - started
+        for row in rows:
+            self._timings[row.seq] = seconds
 
     def batch(self, publisher: object, batch_type: type) -> list[Message] | None:
         """The whole batch for one ``publish_batch``, if the publisher can."""
@@ -161,10 +193,35 @@ class BatchPlan:
             self._blocked.add(row.message.key)  # keep the key's order
 
     def result(self) -> BatchResult:
+        """The batch's outcome, once committed (and its events, with observers)."""
         if self.sent:
             log.info("relay_published", count=len(self.sent))
+        if self.observed:
+            self._announce()
         dead = sum(1 for f in self.failures if f.dead)
         return BatchResult(len(self.rows), len(self.sent), len(self.failures), dead)
+
+    def _announce(self) -> None:
+        by_seq = {r.seq: r.message for r in self.rows}
+        wall = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        for seq in self.sent:
+            m = by_seq[seq]
+            created = parse_utc(m.headers.get(CREATED_AT_HEADER))
+            instrument.emit(
+                instrument.PUBLISHED, topic=m.topic, message_id=m.id, key=m.key,
+                headers=m.headers, seconds=self._timings.get(seq),
+                delay=(wall - created).total_seconds() if created is not None else None)
+        for f in self.failures:
+            m = by_seq[f.seq]
+            fields = {"topic": m.topic, "message_id": m.id, "key": m.key,
+                      "attempt": f.attempts, "error": f.error}
+            if f.dead:
+                instrument.emit(instrument.DEAD, **fields)
+                if m.key is not None:
+                    instrument.emit(instrument.PARKED, topic=m.topic, key=m.key,
+                                    message_id=m.id)
+            else:
+                instrument.emit(instrument.PUBLISH_FAILED, **fields)
 
 
 class RelayCore:
@@ -312,19 +369,28 @@ class Relay(RelayCore):
 
     def _publish(self, plan: BatchPlan) -> None:
         batch = plan.batch(self.publisher, BatchPublisher)
+        observed = plan.observed
         if batch is not None:
+            started = time.perf_counter() if observed else 0.0
             try:
-                self.publisher.publish_batch(batch)  # type: ignore[attr-defined]
+                with plan.span(batch):
+                    self.publisher.publish_batch(batch)  # type: ignore[attr-defined]
             except Exception as exc:
                 plan.batch_failed(exc)
             else:
+                if observed:
+                    plan.timed(started, plan.rows)
                 return plan.batch_published()
         for row in plan.each():
+            started = time.perf_counter() if observed else 0.0
             try:
-                self.publisher.publish(row.message)
+                with plan.span([row.message]):
+                    self.publisher.publish(row.message)
             except Exception as exc:
                 plan.failed(row, exc)
             else:
+                if observed:
+                    plan.timed(started, (row,))
                 plan.published(row)
 
     # -- maintenance -----------------------------------------------------------
@@ -341,6 +407,7 @@ class Relay(RelayCore):
                 break
         if total:
             log.info("relay_purged", count=total)
+            announce(instrument.PURGED, total)
         return total
 
     def counts(self) -> dict[str, int]:
@@ -360,6 +427,7 @@ class Relay(RelayCore):
         with self.engine.begin() as conn:
             n = storage.replay_dead(conn, message_ids)
         log.info("relay_replayed", count=n)
+        announce(instrument.REPLAYED, n)
         self.wakeup.set()
         return n
 
@@ -374,6 +442,7 @@ class Relay(RelayCore):
         with self.engine.begin() as conn:
             n = storage.discard_dead(conn, list(message_ids))
         log.info("relay_discarded", count=n)
+        announce(instrument.DISCARDED, n)
         self.wakeup.set()
         return n
 

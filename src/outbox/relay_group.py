@@ -41,11 +41,11 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import storage
+from . import instrument, storage
 from .db import safe_url
 from .errors import ConfigurationError
 from .log import get_logger
-from .relay import BatchResult, Relay, RelayConfig
+from .relay import BatchResult, Relay, RelayConfig, announce
 from .typing import Publisher
 
 log = get_logger("outbox.relay_group")
@@ -241,6 +241,7 @@ class RelayGroup:
             self._failed(tenant, exc)
             return
         tenant.purged += n
+        announce(instrument.PURGED, n)
         tenant.purging = n >= size
         if not tenant.purging and tenant.purged:
             log.info("relay_purged", db=tenant.name, count=tenant.purged)

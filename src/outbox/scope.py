@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction
 
+from . import instrument
 from .errors import MisuseError, TransactionOutcomeUnknown
 from .log import get_logger
 
@@ -232,6 +233,11 @@ class Scope:
     def committed(self) -> None:
         for ticket in self._take():
             _quietly(ticket.committed)
+            message = getattr(ticket, "message", None)
+            if instrument.observers and message is not None:
+                instrument.emit(instrument.WRITTEN, topic=message.topic,
+                                message_id=message.id, key=message.key,
+                                headers=message.headers)
 
     def rolled_back(self) -> None:
         for ticket in self._take():

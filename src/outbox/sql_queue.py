@@ -254,6 +254,22 @@ def count_states(conn: Connection, topic: str, group: str) -> dict[str, int]:
     return out
 
 
+def unprocessed(conn: Connection) -> list[tuple[str, str, int]]:
+    """``(topic, group, n)``: for each consumer group's cursor, the messages it has not
+    processed yet (past its cursor, or claimed and not done). Both counts walk an
+    index: ``(topic, seq)`` from the cursor on, and the group's ready deliveries."""
+    out = []
+    for group, topic, scanned in conn.execute(
+            select(cursors.c.consumer_group, cursors.c.topic, cursors.c.scanned_seq)):
+        unseen = conn.scalar(select(func.count()).where(
+            messages.c.topic == topic, messages.c.seq > scanned)) or 0
+        ready = conn.scalar(select(func.count()).where(
+            deliveries.c.consumer_group == group, deliveries.c.topic == topic,
+            deliveries.c.status == READY)) or 0
+        out.append((topic, group, int(unseen) + int(ready)))
+    return out
+
+
 def insert_raw(
     conn: Connection, topic: str, payload: bytes, message_id: str | None, key: str | None,
     tag: str | None, headers: Mapping[str, str] | None,

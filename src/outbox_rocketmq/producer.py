@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any, cast
 
+from outbox import instrument
 from outbox.aio.app import AsyncOutbox
 from outbox.app import BaseOutbox, LocalOutbox, Outbox
 from outbox.envelope import delivery_time
@@ -195,7 +196,18 @@ class RocketMQTransactionalProducer:
 
     def _answer(self, received: Received, tag: str | None) -> TransactionState:
         """A check-back's answer, for either client: UNKNOWN means "ask again"."""
-        self._count_check(received)
+        checks = self._count_check(received)
+        if not instrument.observers:
+            return self._resolve(received, tag)
+        message_id = received.properties.get(MESSAGE_ID_PROPERTY)
+        with instrument.span("outbox.check_back", topic=received.topic, message_id=message_id,
+                             links=[received.properties]):
+            state = self._resolve(received, tag)
+        instrument.emit(instrument.CHECK_BACK, topic=received.topic, message_id=message_id,
+                        answer=state.name, checks=checks, headers=received.properties)
+        return state
+
+    def _resolve(self, received: Received, tag: str | None) -> TransactionState:
         try:
             message = to_message(received, tag)
         except MessageError as exc:
@@ -214,15 +226,16 @@ class RocketMQTransactionalProducer:
                       **message.log_fields())
             return TransactionState.UNKNOWN
 
-    def _count_check(self, received: Received) -> None:
-        """Warn when the broker has asked about a half message so often that it will
-        soon discard it (it sends the count it is at with each check)."""
+    def _count_check(self, received: Received) -> int | None:
+        """The broker's count of checks of this half message (it sends the count it is
+        at with each check); warns when it is so high that the broker will soon discard
+        the message."""
         try:
             checks = int(received.properties.get(CHECK_TIMES_PROPERTY, "0"))
         except ValueError:
-            return
+            return None
         if checks * 3 < self.check_limit * 2:
-            return
+            return checks
         message_id = received.properties.get(MESSAGE_ID_PROPERTY) or received.rocketmq_id or "?"
         log.warning("check_back_near_limit", message_id=message_id, topic=received.topic,
                     checks=checks, limit=self.check_limit,
@@ -233,6 +246,7 @@ class RocketMQTransactionalProducer:
             self.near_limit.move_to_end(message_id)
             while len(self.near_limit) > NEAR_LIMIT_KEPT:
                 self.near_limit.popitem(last=False)
+        return checks
 
     # -- lifecycle -------------------------------------------------------------------
 

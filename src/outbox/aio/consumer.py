@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from .. import instrument
 from ..consumer import (
     ConsumerBase,
     ConsumerConfig,
@@ -83,6 +84,12 @@ class AsyncIdempotentConsumer(ConsumerBase):
         """Process one delivery and tell the subscriber; returns what became of it.
         Without :class:`~outbox.typing.AsyncRedelivery` a failed delivery is held and
         tried again in place, as :meth:`outbox.IdempotentConsumer.handle` does."""
+        if instrument.observers:
+            with self.policy.observed(delivery):
+                return await self._handle(delivery, time.perf_counter())
+        return await self._handle(delivery, None)
+
+    async def _handle(self, delivery: Delivery, started: float | None) -> Outcome:
         policy, abilities = self.policy, self.abilities
         counted = False  # this call wrote a failure count for the message
         while True:
@@ -99,7 +106,7 @@ class AsyncIdempotentConsumer(ConsumerBase):
                                              limit_transient=abilities.counts_deliveries)
             action, args = policy.verdict(decision, abilities)
             if action == "hold":
-                policy.report(decision, delivery)
+                policy.report(decision, delivery, started)
                 if not await self._wait(args[0]):
                     return decision.outcome
                 delivery = replace(delivery, attempt=delivery.attempt + 1)
@@ -111,7 +118,7 @@ class AsyncIdempotentConsumer(ConsumerBase):
             await getattr(self.subscriber, action)(delivery, *args)
             if action == "dead_letter" and counted:
                 await self._forget(delivery)
-            policy.report(decision, delivery)
+            policy.report(decision, delivery, started)
             return decision.outcome
 
     async def _count(self, delivery: Delivery, exc: BaseException) -> int | None:

@@ -11,17 +11,26 @@ import asyncio
 import contextlib
 import datetime as dt
 import inspect
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .. import storage
+from .. import instrument, storage
 from ..db import claiming_options
 from ..errors import ConfigurationError
 from ..log import get_logger
-from ..relay import BatchPlan, BatchResult, RelayConfig, RelayCore, _error_text, refuse_same_file
+from ..relay import (
+    BatchPlan,
+    BatchResult,
+    RelayConfig,
+    RelayCore,
+    _error_text,
+    announce,
+    refuse_same_file,
+)
 from ..schema import NOTIFY_CHANNEL, utcnow
 from ..typing import AsyncBatchPublisher, AsyncPublisher
 from ._tasks import Background
@@ -145,19 +154,28 @@ class AsyncRelay(RelayCore):
 
     async def _publish(self, plan: BatchPlan) -> None:
         batch = plan.batch(self.publisher, AsyncBatchPublisher)
+        observed = plan.observed
         if batch is not None:
+            started = time.perf_counter() if observed else 0.0
             try:
-                await self.publisher.publish_batch(batch)  # type: ignore[attr-defined]
+                with plan.span(batch):
+                    await self.publisher.publish_batch(batch)  # type: ignore[attr-defined]
             except Exception as exc:
                 plan.batch_failed(exc)
             else:
+                if observed:
+                    plan.timed(started, plan.rows)
                 return plan.batch_published()
         for row in plan.each():
+            started = time.perf_counter() if observed else 0.0
             try:
-                await self.publisher.publish(row.message)
+                with plan.span([row.message]):
+                    await self.publisher.publish(row.message)
             except Exception as exc:
                 plan.failed(row, exc)
             else:
+                if observed:
+                    plan.timed(started, (row,))
                 plan.published(row)
 
     # -- maintenance -----------------------------------------------------------
@@ -175,6 +193,7 @@ class AsyncRelay(RelayCore):
                 break
         if total:
             log.info("relay_purged", count=total)
+            announce(instrument.PURGED, total)
         return total
 
     async def counts(self) -> dict[str, int]:
@@ -193,6 +212,7 @@ class AsyncRelay(RelayCore):
         async with self.engine.begin() as conn:
             n = await conn.run_sync(storage.replay_dead, ids)
         log.info("relay_replayed", count=n)
+        announce(instrument.REPLAYED, n)
         self.wakeup.set()
         return n
 
@@ -207,6 +227,7 @@ class AsyncRelay(RelayCore):
         async with self.engine.begin() as conn:
             n = await conn.run_sync(storage.discard_dead, ids)
         log.info("relay_discarded", count=n)
+        announce(instrument.DISCARDED, n)
         self.wakeup.set()
         return n
 
