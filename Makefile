@@ -113,12 +113,11 @@ lint: $(STAMP)
 model-check:
 	scripts/model-check
 
-# Two lanes side by side (pytest-xdist; see ROCKETMQ_LANE in tests/conftest.py), then
-# the tests that stop a shared server, alone.
+# Two lanes side by side, the RocketMQ tests and the rest (scripts/test-lanes; see
+# tests/conftest.py), then the tests marked exclusive, alone.
 test: $(STAMP) services lint
 	scripts/model-check --install
-	$(SERVICE_ENV) $(PY) -m pytest -n 2 --dist loadgroup -m "not exclusive" && \
-	  $(PY) -m pytest -m exclusive
+	$(SERVICE_ENV) scripts/test-lanes $(PY)
 
 clean:
 	rm -rf .demo .chaos .model-check .pytest_cache .mypy_cache .ruff_cache

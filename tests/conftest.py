@@ -77,24 +77,39 @@ applied = Table(
 ALL_METADATA = (outbox.metadata, transport_metadata, test_metadata)
 
 
-#: Tests on the RocketMQ brokers (and what loads them: the bench's half messages, the
-#: Java neighbours) run one after another in one lane of ``make test``'s two
-#: (pytest-xdist, --dist loadgroup), as they share the brokers' topics and groups and
-#: one of them restarts the 5.x broker; every other test runs in the other lane, in
-#: file order as without xdist.
+#: ``make test`` runs two lanes side by side (scripts/test-lanes, one pytest process
+#: each, ``--lane``): the tests on the RocketMQ brokers (and what loads them: the bench's
+#: half messages, the Java neighbours), one after another as they share the brokers'
+#: topics and groups and one of them restarts the 5.x broker; and every other test.
+#: Tests marked ``exclusive`` (they stop a shared server, or take both cores) run alone
+#: afterwards.
 ROCKETMQ_LANE_MARKS = ("rocketmq", "rocketmq4")
-ROCKETMQ_LANE_FILES = ("rocketmq", "remoting", "java_interop", "test_bench.py")
+ROCKETMQ_LANE_FILES = ("rocketmq", "remoting", "java_interop")
+LANES = ("rocketmq", "rest")
 
 
-@pytest.hookimpl(tryfirst=True)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--lane", choices=LANES, default=None,
+                     help="run only this lane's tests (make test runs both side by side)")
+
+
+def lane_of(item: pytest.Item) -> str:
+    path = item.nodeid.split("::")[0]
+    if (any(item.get_closest_marker(m) for m in ROCKETMQ_LANE_MARKS)
+            or any(part in path for part in ROCKETMQ_LANE_FILES)):
+        return "rocketmq"
+    return "rest"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):
+    lane = config.getoption("--lane")
+    if lane is None:
         return
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        rocketmq = (any(item.get_closest_marker(m) for m in ROCKETMQ_LANE_MARKS)
-                    or any(part in path for part in ROCKETMQ_LANE_FILES))
-        item.add_marker(pytest.mark.xdist_group("rocketmq" if rocketmq else "rest"))
+    kept = [item for item in items if lane_of(item) == lane]
+    dropped = [item for item in items if lane_of(item) != lane]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def in_ci() -> bool:

@@ -20,6 +20,7 @@ NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # it loads both cores, and its figures want them to itself
 def test_quick_bench_prints_every_figure(postgres_url: object, redis_url: str,
                                          rocketmq_endpoints: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"

@@ -20,6 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "model-check"
 
+#: The checker keeps both cores busy for minutes: make test runs it alone, after the lanes.
+pytestmark = pytest.mark.exclusive
+
 #: Runs that must verify (``scripts/model-check --list`` shows their flags).
 REAL = ["outbox", "rocketmq", "rocketmq-2tx", "rocketmq-noguard-fixed", "rocketmq-lateend-fixed"]
 #: Mutations that must give a counterexample.
