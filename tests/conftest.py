@@ -315,6 +315,22 @@ def promtool() -> str:
     return found
 
 
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and its chromium-driver (scripts/services installs both), for
+    the browser tests; Selenium drives them."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        unavailable("chromium and chromium-driver are missing: scripts/services up "
+                    "installs them, or apt-get install chromium chromium-driver")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        unavailable("selenium is missing: pip install -e '.[dev]'")
+    return browser, driver
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Which database a test runs on: sqlite, postgres or mariadb."""

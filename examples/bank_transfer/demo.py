@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from outbox import JsonCodec, Message, OutboxError, SqlTransport, create_engine
 from outbox.brokers import masked, open_broker, scheme_of
+from outbox.cli import DASHBOARD_TOKEN_ENV
 from outbox.db import safe_url
 from outbox.schema import SENT
 from outbox.storage import read_messages
@@ -373,6 +374,28 @@ def say_metrics(ports: dict[str, int]) -> None:
         f"{name} http://127.0.0.1:{port}/metrics" for name, port in ports.items()))
 
 
+def start_dashboard(children: list[Child], workdir: Path, urls: dict[str, str],
+                    keep_running: bool) -> None:
+    """``outbox dashboard`` over both banks' databases, for a look while the services
+    run. Read-only, unless ``--keep-running``: then it takes writes from whoever signs in
+    with the token in ``WORKDIR/dashboard-token`` (readable by this user only)."""
+    port = free_port()
+    env = {}
+    where = "read-only"
+    if keep_running:
+        token_file = workdir / "dashboard-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_urlsafe(18) + "\n")
+        env[DASHBOARD_TOKEN_ENV] = token_file.read_text().strip()
+        where = f"sign in with the token in {token_file} to replay or discard"
+    child = start("dashboard", ["--port", str(port)], workdir,
+                  {"--bank1-db": urls["bank1"], "--bank2-db": urls["bank2"]}, env)
+    children.append(child)
+    url = f"http://127.0.0.1:{port}/"
+    wait_healthy(child, url)
+    say(f"dashboard (while the services run): {url} ({where})")
+
+
 def wait_until_interrupted(children: list[Child]) -> None:
     """``--keep-running``: leave the services up until Ctrl-C (or SIGTERM)."""
     say("--keep-running: the services stay up; press Ctrl-C to stop them")
@@ -411,6 +434,7 @@ def run_services(urls: dict[str, str], workdir: Path, port: int, settle_timeout:
         wait_healthy(children[0], f"{base}/health")
         say(f"services started: bank1 on {base}, relay, bank2")
         say_metrics(metrics)
+        start_dashboard(children, workdir, urls, keep_running)
         with httpx.Client(base_url=base, timeout=30.0) as client:
             send_transfers(client, run)
         publish_again(bank1, transport)
@@ -474,6 +498,7 @@ def run_services_rocketmq(urls: dict[str, str], workdir: Path, port: int,
         wait_consumer_ready(children[2], report_path)
         say(f"services started: bank1 on {base}, relay, bank2 (consumer group {broker.group})")
         say_metrics(metrics)
+        start_dashboard(children, workdir, urls, keep_running)
         with httpx.Client(base_url=base, timeout=30.0) as client:
             send_transfers(client, run, broker.transfer_no)
         dropped = publish_again_rocketmq(bank1, broker)
@@ -522,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         # (the demo's and its services') in the run folder too.
         os.environ["HOME"] = str(workdir)
     say(f"service logs:       {workdir}/bank1.log, relay.log, bank2.log")
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: a background job of a script starts with SIGINT ignored, and Python
+    # then leaves it ignored; --keep-running must stop on Ctrl-C all the same.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
     run = Run()
     port = args.port or free_port()
     try:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -24,19 +26,20 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy import Engine, inspect, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from . import migrations, storage
+from . import console, migrations, storage
 from .brokers import masked, open_broker
 from .db import create_engine, hide_secrets, safe_url
 from .errors import ConfigurationError, OutboxError
 from .log import clean, get_logger
 from .relay import Relay, RelayConfig
 from .relay_group import RelayGroup, refuse_duplicates
-from .schema import outbox_messages, utcnow
+from .schema import DEAD, outbox_messages, utcnow
 from .sql_transport import SqlTransport
 from .typing import Publisher
 
@@ -45,9 +48,16 @@ log = get_logger("outbox.cli")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Commands that read or change an existing database; only ``migrate`` creates one.
 NEEDS_EXISTING = frozenset({"downgrade", "status", "dead", "replay", "discard", "purge", "relay",
-                            "rocketmq-recover"})
+                            "rocketmq-recover", "dashboard"})
+#: Commands that show a progress bar, and commands that print tables.
+LONG_COMMANDS = frozenset({"migrate", "replay", "purge", "rocketmq-recover"})
+TABLE_COMMANDS = frozenset({"status", "dead"})
+#: Rows a ``replay --all`` makes pending per transaction.
+REPLAY_BATCH = 1000
 #: Where ``--broker env`` reads the broker's URL (with its password) from.
 BROKER_URL_ENV = "OUTBOX_BROKER_URL"
+#: Where ``outbox dashboard`` reads its write token from, unless ``--token`` gives it.
+DASHBOARD_TOKEN_ENV = "OUTBOX_DASHBOARD_TOKEN"
 #: ``rocketmq-recover``'s exit status when it found messages it could not send again
 #: (no outbox row) or could not check (a broker did not answer).
 NEEDS_ATTENTION = 3
@@ -75,13 +85,14 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _port(text: str) -> int:
+def _port(text: str, lowest: int = 1) -> int:
     try:
         port = int(text)
     except ValueError:
         port = -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, not {text!r}")
+    if not lowest <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"a port is a whole number from {lowest} to 65535, not {text!r}")
     return port
 
 
@@ -160,6 +171,14 @@ def _parser() -> argparse.ArgumentParser:
                            help="database URL, e.g. sqlite:///bank1.db (exactly one)")
         c.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
                        help="what the library logs to stderr (default: info)")
+        if name in LONG_COMMANDS:
+            c.add_argument("--progress", choices=console.CHOICES, default="auto",
+                           help="a progress bar on stderr: auto (on a terminal, the "
+                                "default), always or never")
+        if name in TABLE_COMMANDS:
+            c.add_argument("--format", choices=console.FORMATS, default="auto",
+                           help="table (the default on a terminal) or plain lines (the "
+                                "default when piped)")
         return c
 
     c = cmd("migrate", "create or upgrade the outbox tables (Alembic chain)")
@@ -221,6 +240,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                    help="the address --metrics-port listens on (default 127.0.0.1; 0.0.0.0 "
                         "for every interface)")
+    c = cmd("dashboard", "a web dashboard over one or more outbox databases: messages, "
+                         "dead rows and parked keys (replay, release, discard), inbox and "
+                         "check-back lookups, live counts and lag", many=True)
+    c.epilog = (
+        "Read-only unless a token is set: give it in OUTBOX_DASHBOARD_TOKEN (or --token, "
+        "which other users of the machine can see in the process list); an operator signs "
+        "in with it to replay or discard, and every change is logged. Listens on "
+        "127.0.0.1 unless --host says otherwise: put it behind your usual TLS proxy "
+        "before opening it wider. Needs pip install 'outbox[dashboard]'.")
+    c.add_argument("--port", type=lambda t: _port(t, 0), default=8500,
+                   help="the port to listen on (default 8500; 0 picks a free one)")
+    c.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1)")
+    c.add_argument("--token", default=None,
+                   help=f"the token that allows writes (default: {DASHBOARD_TOKEN_ENV})")
+    c.add_argument("--redact", metavar="MODULE:FUNCTION",
+                   help="a function that gets each message (outbox.Message) before its "
+                        "details are shown and returns what to show")
+    c.add_argument("--local-transaction-timeout", type=_seconds, default=60.0,
+                   metavar="SECONDS",
+                   help="the producers' local-transaction timeout, for the check-back "
+                        "lookup's answer (default 60)")
     c = cmd("rocketmq-recover",
             "find committed transactions whose messages never reached their RocketMQ "
             "topic, and send them again through their outbox rows")
@@ -303,7 +344,7 @@ def _alembic(action: Callable[[Engine, str], None], engine: Engine, revision: st
         ) from None
 
 
-def _purge(engine: Engine, days: float, batch: int) -> str:
+def _purge(engine: Engine, days: float, batch: int, shown: str = "never") -> str:
     try:
         cutoff = utcnow() - dt.timedelta(days=days)
     except (OverflowError, ValueError):
@@ -311,32 +352,119 @@ def _purge(engine: Engine, days: float, batch: int) -> str:
             f"--older-than-days {days} is out of range; give 0 to {max_days()}"
         ) from None
     totals = {"outbox": 0, "inbox": 0, "transaction_log": 0, "consumer_attempts": 0}
-    for name, fn, kw in (
+    steps = (
         ("outbox", storage.purge, "sent_before"),
         ("inbox", storage.purge_inbox, "processed_before"),
         ("transaction_log", storage.purge_transaction_log, "created_before"),
         ("consumer_attempts", storage.purge_consumer_attempts, "updated_before"),
-    ):
-        while True:
-            with engine.begin() as conn:
-                n = fn(conn, batch_size=batch, **{kw: cutoff})
-            totals[name] += n
-            log.info("purge_progress", table=name, deleted=totals[name])
-            if n < batch:
-                break
+    )
+    with console.progress(shown) as bar:
+        for name, _fn, _kw in steps:
+            bar.task(name, f"purge {name}")
+        for name, fn, kw in steps:
+            while True:
+                with engine.begin() as conn:
+                    n = fn(conn, batch_size=batch, **{kw: cutoff})
+                totals[name] += n
+                bar.update(name, advance=n)
+                log.info("purge_progress", table=name, deleted=totals[name])
+                if n < batch:
+                    break
+            bar.finish(name)
     return " ".join(f"{k}={v}" for k, v in totals.items())
 
 
-def _dead(engine: Engine, limit: int) -> None:
+def _replay(engine: Engine, args: argparse.Namespace) -> str:
+    """``replay --id ...`` in one transaction; ``replay --all`` oldest first, in batches
+    of :data:`REPLAY_BATCH` rows (each its own transaction), with progress."""
+    if not args.all:
+        with engine.begin() as conn:
+            return f"replayed {storage.replay_dead(conn, args.ids)}"
+    with engine.connect() as conn:
+        total = storage.counts(conn)[DEAD]
+    done = 0
+    with console.progress(args.progress) as bar:
+        bar.task("replay", "replay dead rows", total)
+        while True:
+            with engine.begin() as conn:
+                ids = storage.oldest_dead_ids(conn, REPLAY_BATCH)
+                n = storage.replay_dead(conn, ids) if ids else 0
+            done += n
+            bar.update("replay", advance=n)
+            if n:
+                log.info("replay_progress", replayed=done, of=total)
+            if len(ids) < REPLAY_BATCH:
+                break
+    return f"replayed {done}"
+
+
+def _migrate(engine: Engine, args: argparse.Namespace) -> None:
+    """``migrate``: the outbox chain's revisions, one step of the progress bar each."""
+    script = ScriptDirectory(str(migrations.script_location()))
+    before = migrations.current(engine)
+    try:
+        steps = len(list(script.iterate_revisions(args.revision, before or "base")))
+    except (CommandError, RevisionError):
+        steps = 0  # an unknown revision: _alembic says what to do
+    with console.progress(args.progress) as bar:
+        bar.task("migrate", "migrate", steps)
+
+        def applied(*_: object, **step: Any) -> None:
+            bar.update("migrate", advance=1)
+            log.info("migrate_step", revision=step.get("step_revision", ""))
+
+        _alembic(lambda e, rev: migrations.upgrade(e, rev, on_step=applied), engine,
+                 args.revision)
+
+
+def _status(engine: Engine, shown: str) -> None:
+    with engine.connect() as conn:
+        counts = storage.counts(conn)
+        backlog = storage.topic_backlog(conn)
+    if not console.tables_wanted(shown):
+        print(" ".join(f"{k}={v}" for k, v in counts.items()))
+        return
+    console.print_table("outbox rows", ["status", "rows"], list(counts.items()),
+                        justify=["left", "right"])
+    if backlog:
+        now = utcnow()
+        console.print_table("still to go, by topic",
+                            ["topic", "pending", "oldest pending", "dead", "parked keys"],
+                            [(t.topic, t.pending,
+                              _ago(now, t.oldest_pending) if t.oldest_pending else "-",
+                              t.dead, t.parked_keys) for t in backlog],
+                            justify=["left", "right", "right", "right", "right"])
+
+
+def _ago(now: dt.datetime, then: dt.datetime) -> str:
+    seconds = max(int((now - then).total_seconds()), 0)
+    minutes, s = divmod(seconds, 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m ago" if hours else f"{m}m {s:02d}s ago" if m else f"{s}s ago"
+
+
+def _dead(engine: Engine, limit: int, shown: str = "plain") -> None:
     with engine.connect() as conn:
         dead = storage.list_dead(conn, limit)
         parked = storage.list_parked_keys(conn, limit)
-    for row in dead:
-        print(f"{clean(row.message_id)}\t{clean(row.topic)}\t{clean(row.key or '-')}\t"
-              f"attempts={row.attempts}\t{clean(row.last_error or '')}")
-    for p in parked:
-        print(f"parked key {clean(p.key)}: {p.waiting} rows waiting behind dead "
-              f"{', '.join(clean(i) for i in p.dead_ids)}")
+    if console.tables_wanted(shown):
+        if dead:
+            console.print_table("dead rows", ["id", "topic", "key", "attempts", "last error"],
+                                [(clean(r.message_id), clean(r.topic), clean(r.key or "-"),
+                                  r.attempts, clean(r.last_error or "")) for r in dead],
+                                justify=["left", "left", "left", "right"])
+        if parked:
+            console.print_table("parked keys", ["key", "rows waiting", "behind dead rows"],
+                                [(clean(p.key), p.waiting,
+                                  ", ".join(clean(i) for i in p.dead_ids)) for p in parked],
+                                justify=["left", "right"])
+    else:
+        for row in dead:
+            print(f"{clean(row.message_id)}\t{clean(row.topic)}\t{clean(row.key or '-')}\t"
+                  f"attempts={row.attempts}\t{clean(row.last_error or '')}")
+        for p in parked:
+            print(f"parked key {clean(p.key)}: {p.waiting} rows waiting behind dead "
+                  f"{', '.join(clean(i) for i in p.dead_ids)}")
     if not dead:
         print("no dead rows", file=sys.stderr)
     elif parked:
@@ -415,18 +543,25 @@ def _rocketmq(what: str) -> Any:
 def _recover(engine: Engine, args: argparse.Namespace) -> int:
     _rocketmq("rocketmq-recover")
     from outbox_rocketmq.config import RocketMQConfig
-    from outbox_rocketmq.recover import RecoveryReport, recover
+    from outbox_rocketmq.recover import RecoveryReport, count_committed, recover
 
     RocketMQConfig(namesrv=args.rocketmq_namesrv)  # the address checks, one error style
     now = utcnow()
     since, until = now - args.since, now - args.until
 
-    def progress(report: RecoveryReport) -> None:
-        print(f"checked {report.checked}: {report.on_topic} on their topic, "
-              f"{report.missing} missing", file=sys.stderr, flush=True)
+    with console.progress(args.progress) as bar:
+        bar.task("recover", "check the transaction log",
+                 count_committed(engine, since=since, until=until, topics=args.topics))
 
-    report = recover(engine, args.rocketmq_namesrv, since=since, until=until,
-                     topics=args.topics, dry_run=args.dry_run, progress=progress)
+        def progress(report: RecoveryReport) -> None:
+            bar.update("recover", completed=report.checked)
+            if not bar.enabled:
+                print(f"checked {report.checked}: {report.on_topic} on their topic, "
+                      f"{report.missing} missing", file=sys.stderr, flush=True)
+
+        report = recover(engine, args.rocketmq_namesrv, since=since, until=until,
+                         topics=args.topics, dry_run=args.dry_run, progress=progress)
+        bar.update("recover", completed=report.checked)
     for message_id in report.no_local_copy:
         print(f"LOST {message_id}: committed, not on its topic, no outbox row to send "
               "again: re-issue it")
@@ -495,15 +630,8 @@ def _run_relay(engine: Engine, args: argparse.Namespace) -> None:
 def _run_relay_group(args: argparse.Namespace) -> None:
     """``outbox relay`` with several ``--db``: one :class:`RelayGroup` for them all.
     Every database must exist and have the outbox tables before anything starts."""
-    engines: list[Engine] = []
+    engines = _open_all(args)
     try:
-        for url in args.dbs:
-            engines.append(open_engine(url, must_exist=True))  # connects to none yet
-        refuse_duplicates(e.url for e in engines)
-        for engine, url in zip(engines, args.dbs, strict=True):
-            args.db = url  # a database error names the database it happened on
-            _require_tables(engine)
-        args.db = None
         with ExitStack() as stack:
             stack.enter_context(_metrics(args, engines))
             publisher, where = _publisher(args, stack)
@@ -516,7 +644,84 @@ def _run_relay_group(args: argparse.Namespace) -> None:
             engine.dispose()
 
 
+def _redactor(spec: str | None) -> Callable[[Any], Any] | None:
+    if not spec:
+        return None
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ConfigurationError(f"--redact {spec!r} is not MODULE:FUNCTION, e.g. "
+                                 "myapp.ops:hide_card_numbers")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"--redact {spec}: {exc}; give an importable "
+                                 "MODULE:FUNCTION") from None
+    if not callable(fn):
+        raise ConfigurationError(f"--redact {spec} is not a function")
+    return fn  # type: ignore[no-any-return]
+
+
+def _open_all(args: argparse.Namespace) -> list[Engine]:
+    """Engines for ``--db`` repeated: each must exist and have the outbox tables
+    (checked before anything starts; a database error names its database)."""
+    engines: list[Engine] = []
+    try:
+        for url in args.dbs:
+            engines.append(open_engine(url, must_exist=True))  # connects to none yet
+        refuse_duplicates(e.url for e in engines)
+        for engine, url in zip(engines, args.dbs, strict=True):
+            args.db = url
+            _require_tables(engine)
+        args.db = None
+    except BaseException:
+        for engine in engines:
+            engine.dispose()
+        raise
+    return engines
+
+
+def _run_dashboard(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from .dashboard import create_app
+    except ImportError:
+        raise ConfigurationError(
+            "outbox dashboard needs its extra: pip install 'outbox[dashboard]'") from None
+    token = args.token or os.environ.get(DASHBOARD_TOKEN_ENV) or None
+    redact = _redactor(args.redact)
+    engines = _open_all(args)
+    try:
+        app = create_app(engines, token=token, redact=redact,
+                         local_transaction_timeout=dt.timedelta(
+                             seconds=args.local_transaction_timeout))
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+            sock.listen(128)  # connections wait from here on, while uvicorn starts
+        except OSError as exc:
+            sock.close()
+            raise ConfigurationError(
+                f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+                "choose another --port") from None
+        port = sock.getsockname()[1]
+        mode = "writes need the token" if token else f"read-only: no {DASHBOARD_TOKEN_ENV}"
+        print(f"dashboard at http://{args.host}:{port}/ ({mode}) over "
+              f"{', '.join(safe_url(e.url) for e in engines)}", file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                               lifespan="off"))
+        server.run(sockets=[sock])
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
 def _run(args: argparse.Namespace) -> int:
+    args.db = getattr(args, "db", None)
+    if args.command == "dashboard":
+        _run_dashboard(args)
+        return 0
     if args.command == "relay":
         if len(args.dbs) > 1:
             _run_relay_group(args)
@@ -525,7 +730,7 @@ def _run(args: argparse.Namespace) -> int:
     engine = open_engine(args.db, must_exist=args.command in NEEDS_EXISTING)
     try:
         if args.command == "migrate":
-            _alembic(migrations.upgrade, engine, args.revision)
+            _migrate(engine, args)
             print(f"outbox tables at {migrations.current(engine)} in {safe_url(engine.url)}")
             return 0
         if args.command == "downgrade":
@@ -535,19 +740,15 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         _require_tables(engine)
         if args.command == "status":
-            with engine.connect() as conn:
-                counts = storage.counts(conn)
-            print(" ".join(f"{k}={v}" for k, v in counts.items()))
+            _status(engine, args.format)
         elif args.command == "dead":
-            _dead(engine, args.limit)
+            _dead(engine, args.limit, args.format)
         elif args.command == "replay":
-            with engine.begin() as conn:
-                n = storage.replay_dead(conn, None if args.all else args.ids)
-            print(f"replayed {n}")
+            print(_replay(engine, args))
         elif args.command == "discard":
             print(_discard(engine, args))
         elif args.command == "purge":
-            print(_purge(engine, args.older_than_days, args.batch_size))
+            print(_purge(engine, args.older_than_days, args.batch_size, args.progress))
         elif args.command == "relay":
             _run_relay(engine, args)
         elif args.command == "rocketmq-recover":

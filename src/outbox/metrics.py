@@ -32,14 +32,14 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
         "outbox.metrics needs prometheus-client: pip install 'outbox[prometheus]'"
     ) from exc
 
-from sqlalchemy import distinct, func, inspect, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.engine import Engine
 
-from . import instrument
+from . import instrument, storage
 from .db import safe_url
 from .instrument import Event, Observer
 from .log import get_logger
-from .schema import DEAD, PENDING, consumer_dead_letters, outbox_messages
+from .schema import consumer_dead_letters
 
 log = get_logger("outbox.metrics")
 
@@ -227,24 +227,18 @@ class TableCollector(Collector):
         yield from out.values()
 
     def _read(self, db: str, engine: Engine, out: dict[str, GaugeMetricFamily]) -> None:
-        m = outbox_messages.c
         now = self.clock()
         with engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
-            rows = conn.execute(
-                select(m.status, m.topic, func.count(), func.min(m.created_at),
-                       func.count(distinct(m.key)))
-                .where(m.status.in_((PENDING, DEAD)))
-                .group_by(m.status, m.topic)
-            ).all()
-            for status, topic, n, oldest, keys in rows:
-                if status == PENDING:
-                    out["outbox_pending_messages"].add_metric([db, topic], n)
+            for t in storage.topic_backlog(conn):
+                if t.pending:
+                    out["outbox_pending_messages"].add_metric([db, t.topic], t.pending)
+                    oldest = t.oldest_pending
                     age = max((now - oldest).total_seconds(), 0.0) if oldest else 0.0
-                    out["outbox_oldest_pending_seconds"].add_metric([db, topic], age)
-                else:
-                    out["outbox_dead_messages"].add_metric([db, topic], n)
-                    out["outbox_parked_keys"].add_metric([db, topic], keys)
+                    out["outbox_oldest_pending_seconds"].add_metric([db, t.topic], age)
+                if t.dead:
+                    out["outbox_dead_messages"].add_metric([db, t.topic], t.dead)
+                    out["outbox_parked_keys"].add_metric([db, t.topic], t.parked_keys)
             if consumer_dead_letters.name in tables:
                 c = consumer_dead_letters.c
                 for group, n in conn.execute(
@@ -253,8 +247,8 @@ class TableCollector(Collector):
             from . import sql_queue
 
             if sql_queue.cursors.name in tables:
-                for topic, group, n in sql_queue.unprocessed(conn):
-                    out["outbox_transport_unprocessed"].add_metric([db, topic, group], n)
+                for name, group, n in sql_queue.unprocessed(conn):
+                    out["outbox_transport_unprocessed"].add_metric([db, name, group], n)
             conn.rollback()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -32,11 +33,16 @@ def _config() -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring ``engine``'s database to ``revision`` of the outbox chain."""
+def upgrade(engine: Engine, revision: str = "head", *,
+            on_step: Callable[..., None] | None = None) -> None:
+    """Bring ``engine``'s database to ``revision`` of the outbox chain; ``on_step`` is
+    called after each revision is applied (keyword ``step_revision``: its id)."""
     cfg = _config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
+        if on_step is not None:
+            cfg.attributes["on_version_apply"] = (
+                lambda ctx, step, heads, run_args: on_step(step_revision=step.up_revision_id))
         command.upgrade(cfg, revision)
 
 

@@ -403,6 +403,13 @@ def _named_ids(message_ids: Iterable[str], what: str) -> list[str]:
     return list(message_ids)
 
 
+def oldest_dead_ids(conn: Connection, limit: int) -> list[str]:
+    """The ids of the oldest ``limit`` dead rows."""
+    _check_limit(limit)
+    return list(conn.scalars(select(T.c.message_id).where(T.c.status == DEAD)
+                             .order_by(T.c.seq).limit(limit)))
+
+
 def replay_dead(conn: Connection, message_ids: Iterable[str] | None = None) -> int:
     """Make dead rows (all, or those named) pending again with fresh attempts;
     returns how many. A replayed row keeps its ``seq``, so it leaves before the
@@ -428,6 +435,37 @@ def discard_dead(conn: Connection, message_ids: Iterable[str]) -> int:
         update(T).where(T.c.status == DEAD, T.c.message_id.in_(ids)).values(status=DISCARDED)
     )
     return int(result.rowcount)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicBacklog:
+    """One topic's rows still to go: ``pending`` and when the oldest of them was
+    written (the relay's lag), ``dead`` rows and how many keys they park."""
+
+    topic: str
+    pending: int
+    oldest_pending: dt.datetime | None
+    dead: int
+    parked_keys: int
+
+
+def topic_backlog(conn: Connection) -> list[TopicBacklog]:
+    """Every topic with pending or dead rows, by name: one grouped query on the indexed
+    status column (sent rows are not read)."""
+    by_topic: dict[str, dict[str, Any]] = {}
+    for status, topic, n, oldest, keys in conn.execute(
+        select(T.c.status, T.c.topic, func.count(), func.min(T.c.created_at),
+               func.count(func.distinct(T.c.key)))
+        .where(T.c.status.in_((PENDING, DEAD)))
+        .group_by(T.c.status, T.c.topic)
+    ):
+        row = by_topic.setdefault(topic, {"pending": 0, "oldest_pending": None, "dead": 0,
+                                          "parked_keys": 0})
+        if status == PENDING:
+            row.update(pending=int(n), oldest_pending=oldest)
+        else:
+            row.update(dead=int(n), parked_keys=int(keys))
+    return [TopicBacklog(topic, **by_topic[topic]) for topic in sorted(by_topic)]
 
 
 def counts(conn: Connection) -> dict[str, int]:

@@ -22,7 +22,7 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import ColumnElement, Engine, and_, func, or_, select, update
 
 from outbox.errors import ConfigurationError
 from outbox.log import get_logger
@@ -83,6 +83,22 @@ class Committed:
     created_at: dt.datetime
 
 
+def _window(since: dt.datetime, until: dt.datetime,
+            topics: Sequence[str]) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = [L.c.created_at >= since, L.c.created_at < until]
+    if topics:
+        where.append(L.c.topic.in_(list(topics)))
+    return where
+
+
+def count_committed(engine: Engine, *, since: dt.datetime, until: dt.datetime,
+                    topics: Sequence[str] = ()) -> int:
+    """How many transaction-log rows :func:`committed` will read (for progress)."""
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).where(*_window(since, until, topics)))
+                   or 0)
+
+
 def committed(engine: Engine, *, since: dt.datetime, until: dt.datetime,
               topics: Sequence[str] = ()) -> Iterator[Committed]:
     """The transaction-log rows written in ``[since, until)``, oldest first, read in
@@ -90,9 +106,7 @@ def committed(engine: Engine, *, since: dt.datetime, until: dt.datetime,
     after: tuple[dt.datetime, str] | None = None
     while True:
         query = select(L.c.created_at, L.c.transaction_id, L.c.message_id, L.c.topic).where(
-            L.c.created_at >= since, L.c.created_at < until)
-        if topics:
-            query = query.where(L.c.topic.in_(list(topics)))
+            *_window(since, until, topics))
         if after is not None:
             query = query.where(or_(L.c.created_at > after[0],
                                     and_(L.c.created_at == after[0],

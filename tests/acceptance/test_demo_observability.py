@@ -91,6 +91,13 @@ def test_keep_running_leaves_the_services_up_with_their_metrics(tmp_path: Path) 
         urls = dict(re.findall(r"(bank1|relay|bank2) (http://127\.0\.0\.1:\d+/metrics)", text))
         assert set(urls) == {"bank1", "relay", "bank2"}, text
         bank1, relay, bank2 = (scrape(urls[s]) for s in ("bank1", "relay", "bank2"))
+        dashboard = re.search(r"dashboard \(while the services run\): (http://127\.0\.0\.1:\d+/) "
+                              r"\(sign in with the token in (\S+) ", text)
+        assert dashboard, text
+        index = scrape(dashboard.group(1))
+        assert "bank1.db" in index and "bank2.db" in index
+        token = Path(dashboard.group(2))
+        assert token.stat().st_mode & 0o077 == 0 and len(token.read_text().strip()) >= 16
     finally:
         demo.send_signal(signal.SIGINT)
         rest, _ = demo.communicate(timeout=60)

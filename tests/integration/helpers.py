@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -91,6 +92,18 @@ def make_due(engine: Engine, message_id: str) -> None:
             update(outbox_messages).where(outbox_messages.c.message_id == message_id)
             .values(next_attempt_at=utcnow() - dt.timedelta(seconds=1))
         )
+
+
+def wait_relayed(relay: subprocess.Popen[str], engine: Engine, ids: Sequence[str],
+                 timeout: float = 60) -> float:
+    """Wait until an ``outbox relay`` child marked every row of ``ids`` sent (failing
+    with its output if it exits first); returns the deadline, for what follows."""
+    deadline = time.monotonic() + timeout
+    while any(outbox_row(engine, i).status != "sent" for i in ids):
+        assert relay.poll() is None, relay.communicate()[0]
+        assert time.monotonic() < deadline, f"the relay did not publish within {timeout:.0f} s"
+        time.sleep(0.2)
+    return deadline
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:

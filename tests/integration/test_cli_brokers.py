@@ -18,7 +18,7 @@ import outbox
 from outbox import Message
 from outbox.brokers import open_broker
 
-from .helpers import add_messages, outbox_row
+from .helpers import add_messages, wait_relayed
 
 BROKERS = [
     pytest.param("kafka_url", id="kafka", marks=pytest.mark.kafka),
@@ -49,11 +49,7 @@ def test_the_cli_relay_publishes_to_the_broker(fixture: str, tmp_path: Path,
         env={**os.environ, "OUTBOX_BROKER_URL": broker_url},
     )
     try:
-        deadline = time.monotonic() + 60
-        while any(outbox_row(engine, i).status != "sent" for i in ids):
-            assert relay.poll() is None, relay.communicate()[0]
-            assert time.monotonic() < deadline, "the relay did not publish within 60 s"
-            time.sleep(0.2)
+        deadline = wait_relayed(relay, engine, ids)
         got: list[str] = []
         while len(got) < len(ids) and time.monotonic() < deadline:
             for d in subscriber.fetch(10, 1.0):

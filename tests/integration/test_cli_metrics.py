@@ -20,7 +20,7 @@ from outbox import Message
 from outbox.cli import main
 from outbox.schema import outbox_messages
 
-from .helpers import add_messages, outbox_row
+from .helpers import add_messages, wait_relayed
 
 
 def free_port() -> int:
@@ -53,11 +53,7 @@ def test_the_relay_serves_its_counters_and_the_backlog(tmp_path: Path) -> None:
          "--poll-interval", "0.2", "--metrics-port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while any(outbox_row(engine, i).status != "sent" for i in ids):
-            assert relay.poll() is None, relay.communicate()[0]
-            assert time.monotonic() < deadline, "the relay did not publish within 60 s"
-            time.sleep(0.2)
+        deadline = wait_relayed(relay, engine, ids)
         body = ""
         while 'outbox_messages_published_total{topic="transfers"} 3.0' not in body:
             assert time.monotonic() < deadline, body
