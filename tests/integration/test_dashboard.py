@@ -258,3 +258,11 @@ def test_an_action_without_rows_or_with_an_unknown_name_is_refused(
                                          "id": seeded.dead_timeout[0]})
     assert odd.status_code == 400 and "unknown action" in odd.text
     assert set(statuses(engine, seeded.dead_timeout).values()) == {"dead"}
+
+
+@pytest.mark.parametrize("back", ["//evil.example/x", "/\\evil.example", "https://evil.example"])
+def test_signing_in_never_sends_the_browser_to_another_site(
+    client: httpx.Client, back: str,
+) -> None:
+    r = client.post("/login", data={"token": TOKEN, "back": back}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"

@@ -276,9 +276,10 @@ class Dashboard:
                              count=count, upto=upto, ids=ids, f=flt, by_filter=by_filter,
                              back=one.get("back", ""))
         change = ACTIONS[action]
+        expected = 0
         if by_filter:
             upto = queries.after_seq(one.get("upto")) or 0
-            expected = int(one.get("count", "0") or 0)
+            expected = queries.after_seq(one.get("count")) or 0
             tally = await run_in_threadpool(queries.apply_filter, db.engine, change, flt,
                                             upto, expected)
             done, what = tally.done, f"filter {flt.dead().params()} up to row {upto}"
@@ -288,7 +289,7 @@ class Dashboard:
         log.info("dashboard_action", action=action, db=db.name, rows=done, of=what,
                  client=client)
         return self.page(request, "done.html", n=n, db=db, action=action, done=done,
-                         asked=len(ids) if not by_filter else int(one.get("count", "0") or 0),
+                         asked=len(ids) if not by_filter else expected,
                          back=one.get("back", ""))
 
     async def login(self, request: Request) -> Response:
@@ -308,8 +309,9 @@ class Dashboard:
         nonce = secrets.token_hex(16)
         log.info("dashboard_signed_in", client=client)
         back = (form.get("back") or ["/"])[0]
-        response = RedirectResponse(back if back.startswith("/") and not back.startswith("//")
-                                    else "/", status_code=303)
+        # Only a path of this site: "//host" and "/\\host" lead browsers elsewhere.
+        local = back.startswith("/") and back[1:2] not in ("/", "\\")
+        response = RedirectResponse(back if local else "/", status_code=303)
         response.set_cookie(COOKIE, f"{nonce}.{self._sign('session:' + nonce)}",
                             httponly=True, samesite="strict", path="/")
         return response
