@@ -63,7 +63,8 @@ def test_an_operator_lists_filters_opens_and_replays_in_chromium(
     browser: Any, tmp_path: Path,
 ) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     url = f"sqlite:///{tmp_path / 'bank1.db'}"
     engine = outbox.create_engine(url)
@@ -77,6 +78,12 @@ def test_an_operator_lists_filters_opens_and_replays_in_chromium(
         assert browser.save_screenshot(str(path)), path
         taken.append(path)
 
+    def follow(element: Any) -> None:
+        """Click what leads to another page, and wait until that page is there."""
+        page = browser.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(browser, 20).until(staleness_of(page))
+
     def rows() -> list[str]:
         return [a.text for a in browser.find_elements(
             By.CSS_SELECTOR, "#messages td.id a")]
@@ -87,39 +94,39 @@ def test_an_operator_lists_filters_opens_and_replays_in_chromium(
         assert browser.find_element(By.ID, "pending").text == str(len(seeded.pending))
         shot("overview")
 
-        browser.find_element(By.LINK_TEXT, "Messages").click()
+        follow(browser.find_element(By.LINK_TEXT, "Messages"))
         assert len(rows()) == 50  # one page of the 71 rows, newest first
         assert rows()[0] == max(seeded.pending)
         shot("messages")
-        browser.find_element(By.ID, "next").click()
+        follow(browser.find_element(By.ID, "next"))
         assert len(rows()) == 71 - 50
         shot("messages-page-2")
 
         browser.get(base + "/db/0/messages")
         Select(browser.find_element(By.NAME, "status")).select_by_value("dead")
         browser.find_element(By.NAME, "error").send_keys("timeout")
-        browser.find_element(By.CSS_SELECTOR, "#filter button").click()
+        follow(browser.find_element(By.CSS_SELECTOR, "#filter button"))
         assert sorted(rows()) == sorted(seeded.dead_timeout)
         assert "4 dead rows match this filter" in browser.page_source
         shot("filtered-dead")
 
         target = seeded.dead_timeout[0]
-        browser.find_element(By.LINK_TEXT, target).click()
+        follow(browser.find_element(By.LINK_TEXT, target))
         assert browser.find_element(By.ID, "status").text == "dead"
         assert '"amount": "10.00"' in browser.find_element(By.ID, "payload").text
         assert "publish timeout" in browser.find_element(By.ID, "last-error").text
         shot("details")
 
-        browser.find_element(By.LINK_TEXT, "Sign in to act").click()
+        follow(browser.find_element(By.LINK_TEXT, "Sign in to act"))
         browser.find_element(By.NAME, "token").send_keys(TOKEN)
-        browser.find_element(By.CSS_SELECTOR, "#login button").click()
+        follow(browser.find_element(By.CSS_SELECTOR, "#login button"))
         browser.get(base + "/db/0/messages?status=dead&error=timeout")
         browser.find_element(By.CSS_SELECTOR, f'input[value="{target}"]').click()
-        browser.find_element(By.CSS_SELECTOR, 'button[value="replay"]').click()
+        follow(browser.find_element(By.CSS_SELECTOR, 'button[value="replay"]'))
         assert "This will replay 1 dead row" in browser.find_element(By.ID, "count").text
         shot("confirm-replay")
         assert status_of(engine, target) == "dead"  # nothing changes before the yes
-        browser.find_element(By.CSS_SELECTOR, "#confirm button").click()
+        follow(browser.find_element(By.CSS_SELECTOR, "#confirm button"))
         assert "Replay: 1 row changed" in browser.find_element(By.ID, "done").text
         shot("replayed")
         assert status_of(engine, target) == "pending"
