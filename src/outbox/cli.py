@@ -598,23 +598,12 @@ def _metrics(args: argparse.Namespace, engines: Sequence[Engine]) -> Iterator[No
         raise ConfigurationError(
             "--metrics-port needs prometheus-client: pip install 'outbox[prometheus]'"
         ) from exc
-    from . import instrument
-
-    try:
-        server, observer = metrics.serve(args.metrics_port, host=args.metrics_host,
-                                         engines={safe_url(e.url): e for e in engines})
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot serve metrics on {args.metrics_host}:{args.metrics_port} "
-            f"({exc.strerror or exc}); choose another --metrics-port") from exc
-    print(f"metrics at http://{args.metrics_host}:{args.metrics_port}/metrics",
-          file=sys.stderr, flush=True)
-    try:
+    with metrics.serving(args.metrics_port, host=args.metrics_host,
+                         engines={safe_url(e.url): e for e in engines},
+                         option="--metrics-port"):
+        print(f"metrics at http://{args.metrics_host}:{args.metrics_port}/metrics",
+              file=sys.stderr, flush=True)
         yield
-    finally:
-        instrument.remove_observer(observer)
-        server.shutdown()
-        server.server_close()
 
 
 def _run_relay(engine: Engine, args: argparse.Namespace) -> None:

@@ -528,10 +528,22 @@ class IdempotentConsumer(ConsumerBase):
         self.stats.add(stats)
         return stats
 
-    def run(self, stop: threading.Event | None = None) -> None:
+    def run(self, stop: threading.Event | None = None, *, metrics_port: int | None = None,
+            metrics_host: str = "127.0.0.1") -> None:
         """Consume until ``stop`` (or :meth:`stop`) is set. Errors reaching the
         transport or the database are logged and retried, so the consumer outlives
-        a restart of either; a missing inbox table ends it (MissingTableError)."""
+        a restart of either; a missing inbox table ends it (MissingTableError).
+
+        ``metrics_port`` serves Prometheus metrics at ``/metrics`` meanwhile (the
+        consumer's counters and histograms, and the table gauges of its database; pip
+        install 'outbox[prometheus]')."""
+        if metrics_port is not None:
+            from . import metrics
+
+            with metrics.serving(metrics_port, host=metrics_host,
+                                 engines={safe_url(self.engine.url): self.engine}):
+                self.run(stop)
+            return
         stop = stop or self._stop
         self._running_stop = stop
         try:

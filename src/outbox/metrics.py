@@ -17,6 +17,7 @@ Two parts, used together or apart:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import threading
@@ -37,6 +38,7 @@ from sqlalchemy.engine import Engine
 
 from . import instrument, storage
 from .db import safe_url
+from .errors import ConfigurationError
 from .instrument import Event, Observer
 from .log import get_logger
 from .schema import consumer_dead_letters
@@ -269,5 +271,26 @@ def serve(port: int, *, engines: Mapping[str, Engine] | Sequence[Engine] = (),
     return server, observer
 
 
+@contextlib.contextmanager
+def serving(port: int, *, host: str = "127.0.0.1",
+            engines: Mapping[str, Engine] | Sequence[Engine] = (),
+            option: str = "port") -> Iterator[int]:
+    """:func:`serve` for the duration of a ``with`` block (yields the port); the server
+    and the observer go when it ends. A port that cannot be had is a
+    :class:`~outbox.errors.ConfigurationError` that says so (naming ``option``)."""
+    try:
+        server, observer = serve(port, host=host, engines=engines)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); choose "
+            f"another {option}") from exc
+    try:
+        yield int(server.server_port)
+    finally:
+        instrument.remove_observer(observer)
+        server.shutdown()
+        server.server_close()
+
+
 __all__ = ["COUNTERS", "GAUGES", "HISTOGRAMS", "METRICS", "PrometheusObserver",
-           "TableCollector", "serve"]
+           "TableCollector", "serve", "serving"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -92,6 +94,28 @@ def make_due(engine: Engine, message_id: str) -> None:
             update(outbox_messages).where(outbox_messages.c.message_id == message_id)
             .values(next_attempt_at=utcnow() - dt.timedelta(seconds=1))
         )
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape_until(port: int, text: str, timeout: float = 20) -> str:
+    """``/metrics`` on ``port``, read again until it holds ``text``."""
+    deadline = time.monotonic() + timeout
+    body = ""
+    while text not in body:
+        assert time.monotonic() < deadline, f"{text!r} not in /metrics within {timeout} s:\n{body}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                body = r.read().decode()
+        except OSError:
+            body = ""
+        time.sleep(0.1)
+    return body
 
 
 def wait_relayed(relay: subprocess.Popen[str], engine: Engine, ids: Sequence[str],

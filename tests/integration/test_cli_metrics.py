@@ -20,13 +20,7 @@ from outbox import Message
 from outbox.cli import main
 from outbox.schema import outbox_messages
 
-from .helpers import add_messages, wait_relayed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .helpers import add_messages, free_port, wait_relayed
 
 
 def scrape(port: int) -> str:

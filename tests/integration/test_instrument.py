@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import threading
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from outbox.instrument import Event, Observer
 from outbox.metrics import METRICS, PrometheusObserver, TableCollector, serve
 from outbox.schema import outbox_messages
 from outbox.testing import InMemoryBroker
+
+from .helpers import free_port, scrape_until
 
 
 class Recording(Observer):
@@ -309,3 +312,57 @@ def test_serve_answers_metrics_over_http(local: Engine) -> None:
     for name in ("outbox_messages_published_total", "outbox_oldest_pending_seconds"):
         assert name in METRICS
     assert "# TYPE outbox_messages_written_total counter" in body
+
+
+def test_a_running_consumer_serves_its_metrics(local: Engine, consumer_engine: Engine) -> None:
+    app = Outbox(local)
+    broker = InMemoryBroker()
+    send(app, "c-1", "c-2")
+    app.relay(broker).run_once()
+    consumer = IdempotentConsumer(consumer_engine, broker.subscriber("transfers", "g"), "g",
+                                  lambda session, message: None)
+    port = free_port()
+    runner = threading.Thread(target=consumer.run, kwargs={"metrics_port": port})
+    runner.start()
+    try:
+        body = scrape_until(
+            port, 'outbox_deliveries_processed_total{group="g",topic="transfers"} 2.0')
+        assert "outbox_handler_seconds_count" in body
+    finally:
+        consumer.stop()
+        runner.join(10)
+    assert not runner.is_alive()
+    with pytest.raises(OSError):  # the server went with the run
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_a_running_asyncio_consumer_serves_its_metrics(
+        local: Engine, consumer_engine: Engine, tmp_path: Path) -> None:
+    pytest.importorskip("aiosqlite")
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    app = Outbox(local)
+    broker = InMemoryBroker()
+    send(app, "a-1")
+    app.relay(broker).run_once()
+
+    async def handler(session: Any, message: Any) -> None:
+        pass
+
+    port = free_port()
+
+    async def main() -> str:
+        aengine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'consumer.db'}")
+        consumer = AsyncIdempotentConsumer(
+            aengine, broker.async_subscriber("transfers", "g"), "g", handler)
+        task = asyncio.get_running_loop().create_task(consumer.run(metrics_port=port))
+        try:
+            return await asyncio.to_thread(
+                scrape_until, port,
+                'outbox_deliveries_processed_total{group="g",topic="transfers"} 1.0')
+        finally:
+            await consumer.stop()
+            await task
+            await aengine.dispose()
+
+    assert "outbox_deliveries_total" in asyncio.run(main())

@@ -206,9 +206,20 @@ class AsyncIdempotentConsumer(ConsumerBase):
         self.stats.add(stats)
         return stats
 
-    async def run(self) -> None:
+    async def run(self, *, metrics_port: int | None = None,
+                  metrics_host: str = "127.0.0.1") -> None:
         """Consume until :meth:`stop`. Errors reaching the transport or the database
-        are logged and retried; a missing inbox table ends it (MissingTableError)."""
+        are logged and retried; a missing inbox table ends it (MissingTableError).
+
+        ``metrics_port`` serves Prometheus metrics at ``/metrics`` meanwhile: the
+        consumer's counters and histograms (the table gauges need a sync engine: serve
+        them with ``outbox.metrics.serve(port, engines=...)``)."""
+        if metrics_port is not None:
+            from .. import metrics
+
+            with metrics.serving(metrics_port, host=metrics_host):
+                await self.run()
+            return
         self._stopping = False
         while not self._stopping:
             try:
