@@ -431,16 +431,10 @@ def _status(engine: Engine, shown: str) -> None:
         console.print_table("still to go, by topic",
                             ["topic", "pending", "oldest pending", "dead", "parked keys"],
                             [(t.topic, t.pending,
-                              _ago(now, t.oldest_pending) if t.oldest_pending else "-",
+                              console.age((now - t.oldest_pending).total_seconds()) + " ago"
+                              if t.oldest_pending else "-",
                               t.dead, t.parked_keys) for t in backlog],
                             justify=["left", "right", "right", "right", "right"])
-
-
-def _ago(now: dt.datetime, then: dt.datetime) -> str:
-    seconds = max(int((now - then).total_seconds()), 0)
-    minutes, s = divmod(seconds, 60)
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h {m:02d}m ago" if hours else f"{m}m {s:02d}s ago" if m else f"{s}s ago"
 
 
 def _dead(engine: Engine, limit: int, shown: str = "plain") -> None:

@@ -86,6 +86,18 @@ def progress(choice: str = "auto") -> Iterator[Progress]:
         yield p
 
 
+def age(seconds: float) -> str:
+    """A duration as a person reads it: 42s, 3m 07s, 5h 02m, 3d 4h."""
+    seconds = max(int(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m" if hours < 48 else f"{hours // 24}d {hours % 24}h"
+
+
 def tables_wanted(choice: str) -> bool:
     return choice == "table" or (choice == "auto" and sys.stdout.isatty())
 

@@ -169,24 +169,37 @@ def test_the_receiving_side_announces_each_outcome_and_spans_the_handling(
     assert consume and all(s[2] is not None and "traceparent" in s[2] for s in consume)
 
 
-def test_the_asyncio_consumer_announces_too(
-        local: Engine, consumer_engine: Engine, tmp_path: Path,
-        recording: Recording) -> None:
-    pytest.importorskip("aiosqlite")
-    from sqlalchemy.ext.asyncio import create_async_engine
-
+def relayed(local: Engine, *ids: str) -> InMemoryBroker:
+    """``ids`` sent through an outbox on ``local`` and relayed to an in-memory broker."""
     app = Outbox(local)
     broker = InMemoryBroker()
-    send(app, "a-1")
+    send(app, *ids)
     app.relay(broker).run_once()
+    return broker
+
+
+def async_consumer(broker: InMemoryBroker, tmp_path: Path
+                   ) -> tuple[Any, AsyncIdempotentConsumer]:
+    """An asyncio consumer (group g, a handler that does nothing) of ``broker``'s
+    transfers, on the consumer database the ``consumer_engine`` fixture made."""
+    pytest.importorskip("aiosqlite")
+    from sqlalchemy.ext.asyncio import create_async_engine
 
     async def handler(session: Any, message: Any) -> None:
         pass
 
+    aengine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'consumer.db'}")
+    return aengine, AsyncIdempotentConsumer(
+        aengine, broker.async_subscriber("transfers", "g"), "g", handler)
+
+
+def test_the_asyncio_consumer_announces_too(
+        local: Engine, consumer_engine: Engine, tmp_path: Path,
+        recording: Recording) -> None:
+    broker = relayed(local, "a-1")
+
     async def main() -> None:
-        aengine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'consumer.db'}")
-        consumer = AsyncIdempotentConsumer(
-            aengine, broker.async_subscriber("transfers", "g"), "g", handler)
+        aengine, consumer = async_consumer(broker, tmp_path)
         await consumer.run_once(wait_seconds=0)
         await aengine.dispose()
 
@@ -338,23 +351,11 @@ def test_a_running_consumer_serves_its_metrics(local: Engine, consumer_engine: E
 
 def test_a_running_asyncio_consumer_serves_its_metrics(
         local: Engine, consumer_engine: Engine, tmp_path: Path) -> None:
-    pytest.importorskip("aiosqlite")
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    app = Outbox(local)
-    broker = InMemoryBroker()
-    send(app, "a-1")
-    app.relay(broker).run_once()
-
-    async def handler(session: Any, message: Any) -> None:
-        pass
-
+    broker = relayed(local, "a-1")
     port = free_port()
 
     async def main() -> str:
-        aengine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'consumer.db'}")
-        consumer = AsyncIdempotentConsumer(
-            aengine, broker.async_subscriber("transfers", "g"), "g", handler)
+        aengine, consumer = async_consumer(broker, tmp_path)
         task = asyncio.get_running_loop().create_task(consumer.run(metrics_port=port))
         try:
             return await asyncio.to_thread(

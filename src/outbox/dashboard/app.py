@@ -30,6 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import storage
+from ..console import age
 from ..db import hide_secrets, safe_url
 from ..errors import ConfigurationError
 from ..log import get_logger
@@ -69,22 +70,11 @@ def _when(value: dt.datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S") + "Z"
 
 
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, s = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {s:02d}s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h {m:02d}m" if hours < 48 else f"{hours // 24}d {hours % 24}h"
-
-
 def _environment() -> Environment:
     env = Environment(loader=PackageLoader("outbox.dashboard", "templates"),
                       autoescape=select_autoescape(default=True, default_for_string=True))
     env.filters["when"] = _when
-    env.filters["age"] = _age
+    env.filters["age"] = age
     env.filters["short"] = lambda text, n=120: (text if len(text) <= n else text[:n] + "...")
     env.globals["urlencode"] = urlencode
     return env
@@ -216,7 +206,7 @@ class Dashboard:
 
     async def parked(self, request: Request) -> Response:
         n, db = self.database(request)
-        keys = await self.read(db, lambda conn: queries.parked(conn, queries.MAX_PAGE))
+        keys = await self.read(db, lambda conn: storage.list_parked_keys(conn, queries.MAX_PAGE))
         return self.page(request, "parked.html", n=n, db=db, keys=keys)
 
     async def inbox(self, request: Request) -> Response:
@@ -280,9 +270,8 @@ class Dashboard:
         if by_filter:
             upto = queries.after_seq(one.get("upto")) or 0
             expected = queries.after_seq(one.get("count")) or 0
-            tally = await run_in_threadpool(queries.apply_filter, db.engine, change, flt,
-                                            upto, expected)
-            done, what = tally.done, f"filter {flt.dead().params()} up to row {upto}"
+            done = await run_in_threadpool(queries.apply_filter, db.engine, change, flt, upto)
+            what = f"filter {flt.dead().params()} up to row {upto}"
         else:
             done = await run_in_threadpool(queries.apply, db.engine, change, ids)
             what = f"{len(ids)} selected ids"

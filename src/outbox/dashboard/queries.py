@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Engine, and_, func, inspect, select
@@ -404,28 +404,6 @@ def apply(engine: Engine, action: str, ids: Sequence[str]) -> int:
     return done
 
 
-@dataclass
-class Tally:
-    """A bulk action's progress (rows changed so far, of how many)."""
-
-    total: int
-    done: int = 0
-    batches: list[int] = field(default_factory=list)
-
-
-def apply_filter(engine: Engine, action: str, flt: Filter, upto: int, total: int) -> Tally:
-    tally = Tally(total)
-    for ids in dead_ids(engine, flt, upto):
-        n = apply(engine, action, ids)
-        tally.done += n
-        tally.batches.append(n)
-    return tally
-
-
-def parked(conn: Connection, limit: int) -> list[storage.ParkedKey]:
-    return storage.list_parked_keys(conn, limit)
-
-
-def key_dead_ids(conn: Connection, key: str) -> list[str]:
-    return list(conn.scalars(select(T.c.message_id)
-                             .where(T.c.status == DEAD, T.c.key == key).order_by(T.c.seq)))
+def apply_filter(engine: Engine, action: str, flt: Filter, upto: int) -> int:
+    """Replay or discard the dead rows matching ``flt`` up to ``upto``; how many changed."""
+    return sum(apply(engine, action, ids) for ids in dead_ids(engine, flt, upto))
