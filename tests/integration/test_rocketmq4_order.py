@@ -373,7 +373,8 @@ def test_an_idle_consumer_long_polls_and_a_new_message_arrives_at_once(
         publisher.publish(Message(topic=FIFO_TOPIC, id=mid, payload=b"{}"))
         waiter.join(15)
         assert got == [mid]
-        assert time.monotonic() - sent_at < 2.0 and took[0] < 3.0, took
+        # at once: well before the fetch's own 10 s (a loaded machine may take a moment)
+        assert time.monotonic() - sent_at < 5.0 and took[0] < 6.0, took
 
         # close() ends a fetch that waits on the broker at once.
         closer = threading.Thread(target=lambda: sub.fetch(32, 30.0))
