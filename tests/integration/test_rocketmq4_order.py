@@ -387,3 +387,47 @@ def test_an_idle_consumer_long_polls_and_a_new_message_arrives_at_once(
     finally:
         publisher.close()
         sub.close()
+
+
+def test_a_first_retry_is_back_soon_though_the_retry_topic_came_after_the_member(
+    config: RocketMQConfig, admin: RemotingClient,
+) -> None:
+    """The broker makes a group's retry topic when it first hears of the group; a member
+    that started before the name server had its route rebalanced without it. Its first
+    retry makes it look again at once, not at the next rebalance (5 s later)."""
+    group = group_name("firstretry")
+    start_group_at_end(admin, group, FIFO_TOPIC)
+    sub = RocketMQSubscriber(config, FIFO_TOPIC, group, dead_letter_topic=DLQ_TOPIC4)
+    remoting = sub._remoting
+    assert remoting is not None
+    routed = remoting._topics
+    hide = [True]
+
+    def topics() -> list[str]:  # the retry topic not routed yet, while hide[0]
+        return [t for t in routed() if not (hide[0] and t == remoting.retry_topic)]
+
+    remoting._topics = topics  # type: ignore[method-assign]
+    publisher = RocketMQPublisher(config, [FIFO_TOPIC])
+    try:
+        sub.fetch(1, 0.1)
+        mid = unique("firstretry")
+        publisher.publish(Message(topic=FIFO_TOPIC, id=mid, payload=b"{}"))
+        first: list[Any] = []
+        deadline = time.monotonic() + 20
+        while not first and time.monotonic() < deadline:
+            first = [d for d in sub.fetch(32, 1.0) if d.message_id == mid]
+        [d] = first
+        remoting._rebalance()  # the next regular one: 5 s from now
+        assert remoting.retry_topic not in remoting.client.subscriptions(group)
+        hide[0] = False
+        retried_at = time.monotonic()
+        sub.retry(d, 0, "again")  # delay level 1: 1 s
+        again = [a for a in sub.fetch(32, 4.0) if a.message_id == mid]
+        took = time.monotonic() - retried_at
+        assert [a.attempt for a in again] == [2], took
+        assert took < 4.5
+        assert remoting.retry_topic in remoting.client.subscriptions(group)
+        sub.ack(again[0])
+    finally:
+        publisher.close()
+        sub.close()

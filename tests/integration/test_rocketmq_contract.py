@@ -137,9 +137,8 @@ FEATURES_4 = Features(
     # Each queue has one owner in the group at a time (copies only around a
     # rebalance, from the committed offset).
     exclusive_within_group=True,
-    # A retry goes back through the broker (send-back to the group's retry topic, then
-    # a pull of it): on a loaded machine that has taken over 2 s, so the contract's
-    # waits are doubled here.
+    # A retry goes back through the broker (send-back to the group's retry topic at
+    # delay level 1, then a pull of it: ~1.3 s), so the contract's waits are doubled.
     timescale=2.0,
 )
 

@@ -59,6 +59,9 @@ log = get_logger("outbox.rocketmq.remoting")
 
 #: How often the member looks at the group's members and the queues.
 REBALANCE_SECONDS = 5.0
+#: After this member's first retry of a group without a retry topic yet, how often a
+#: fetch looks for the topic the broker creates (instead of at the next rebalance).
+RETRY_TOPIC_LOOK_SECONDS = 0.5
 #: How often committed offsets go to the broker (and on close).
 COMMIT_SECONDS = 2.0
 #: How long the broker holds a pull when the queue has nothing new (the Java push
@@ -188,6 +191,10 @@ class RemotingSubscriber:
         self._closed = False
         self._last_rebalance = 0.0
         self._rebalance_now = False
+        #: When to look again for the retry topic a retry has made the broker create
+        #: (0: not looking).
+        self._retry_topic_due = 0.0
+        self._retry_topic_until = 0.0
         self._last_commit = 0.0
         self._turn = 0
         self._wake: Future[None] = Future()
@@ -247,6 +254,13 @@ class RemotingSubscriber:
     def _rebalance(self) -> None:
         self._rebalance_now = False
         topics = self._topics()
+        if self.retry_topic in topics:
+            self._retry_topic_due = 0.0
+        elif self._retry_topic_due:
+            # Not routed yet: look again soon, for a while (then at each rebalance).
+            now = time.monotonic()
+            self._retry_topic_due = (now + RETRY_TOPIC_LOOK_SECONDS
+                                     if now < self._retry_topic_until else 0.0)
         if self.retry_topic in topics and self.retry_topic not in self.client.subscriptions(
                 self.group):
             self.client.subscribe(self.group, topics)
@@ -271,6 +285,12 @@ class RemotingSubscriber:
             state.drop_pull()
             log.info("rocketmq_queue_released", topic=topic, queue=queue.queue_id,
                      group=self.group)
+
+    def _rebalance_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_rebalance > REBALANCE_SECONDS:
+            return True
+        return bool(self._retry_topic_due) and now >= self._retry_topic_due
 
     def _first_offset(self, topic: str, queue: MessageQueue) -> int:
         """Where the group stands in the queue; a new group starts at the beginning
@@ -392,7 +412,7 @@ class RemotingSubscriber:
                 if self._wake.done():
                     self._wake = Future()
                 wake = self._wake
-            if self._rebalance_now or time.monotonic() - self._last_rebalance > REBALANCE_SECONDS:
+            if self._rebalance_now or self._rebalance_due():
                 self._rebalance()
             elif self.orderly and self._locks_due():
                 with self._lock_io:
@@ -422,6 +442,8 @@ class RemotingSubscriber:
                 if self.orderly and any(k not in self._queues for k in self._allocated):
                     next_at = min(next_at, self._last_lock + LOCK_RETRY_SECONDS)
             next_at = min(next_at, self._last_rebalance + REBALANCE_SECONDS)
+            if self._retry_topic_due:
+                next_at = min(next_at, self._retry_topic_due)
             wait(waiting, timeout=max(0.0, next_at - now), return_when=FIRST_COMPLETED)
         if errors and not self._closed:
             raise errors[0]
@@ -575,6 +597,13 @@ class RemotingSubscriber:
             raise RemotingError(f"the broker did not take message {delivery.message_id} back "
                                 f"for a retry (code {response.code}: {response.remark})")
         self._done(delivery)
+        if not self._retry_topic_due and self.retry_topic not in self.client.subscriptions(
+                self.group):
+            # The group's first retry: the broker creates the retry topic now. Look for
+            # it from the next fetch on, not only at the next rebalance (up to 5 s).
+            self._retry_topic_due = time.monotonic()
+            self._retry_topic_until = self._retry_topic_due + REBALANCE_SECONDS * 6
+            self._poke()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         stored: StoredMessage = delivery.handle.stored
