@@ -256,11 +256,6 @@ class RemotingSubscriber:
         topics = self._topics()
         if self.retry_topic in topics:
             self._retry_topic_due = 0.0
-        elif self._retry_topic_due:
-            # Not routed yet: look again soon, for a while (then at each rebalance).
-            now = time.monotonic()
-            self._retry_topic_due = (now + RETRY_TOPIC_LOOK_SECONDS
-                                     if now < self._retry_topic_until else 0.0)
         if self.retry_topic in topics and self.retry_topic not in self.client.subscriptions(
                 self.group):
             self.client.subscribe(self.group, topics)
@@ -286,11 +281,18 @@ class RemotingSubscriber:
             log.info("rocketmq_queue_released", topic=topic, queue=queue.queue_id,
                      group=self.group)
 
-    def _rebalance_due(self) -> bool:
+    def _retry_topic_routed(self) -> bool:
+        """After a first retry: whether the retry topic the broker made has a route now
+        (a lookup at the name server when one is due; the rebalance then takes it in)."""
         now = time.monotonic()
-        if now - self._last_rebalance > REBALANCE_SECONDS:
+        if not self._retry_topic_due or now < self._retry_topic_due:
+            return False
+        if self.retry_topic in self._topics():
             return True
-        return bool(self._retry_topic_due) and now >= self._retry_topic_due
+        # Not routed yet: look again soon, for a while (then at each rebalance).
+        self._retry_topic_due = (now + RETRY_TOPIC_LOOK_SECONDS
+                                 if now < self._retry_topic_until else 0.0)
+        return False
 
     def _first_offset(self, topic: str, queue: MessageQueue) -> int:
         """Where the group stands in the queue; a new group starts at the beginning
@@ -412,7 +414,8 @@ class RemotingSubscriber:
                 if self._wake.done():
                     self._wake = Future()
                 wake = self._wake
-            if self._rebalance_now or self._rebalance_due():
+            if (self._rebalance_now or self._retry_topic_routed()
+                    or time.monotonic() - self._last_rebalance > REBALANCE_SECONDS):
                 self._rebalance()
             elif self.orderly and self._locks_due():
                 with self._lock_io:
